@@ -1,0 +1,5 @@
+import sys
+
+from nbdguard.cli import main
+
+sys.exit(main())

@@ -1,0 +1,38 @@
+"""Error types, and the one place where errno values become NBD wire errors."""
+
+import errno
+
+from nbdguard.protocol.constants import NBDError
+
+
+class NbdguardError(Exception):
+    """Base for errors that stop nbdguard from serving something (config, open, chain)."""
+
+
+class ExportOpenError(NbdguardError):
+    """An export's image could not be opened safely; the message names export and path."""
+
+
+_ERRNO_TO_NBD: dict[int, NBDError] = {
+    errno.EPERM: NBDError.EPERM,
+    errno.EACCES: NBDError.EPERM,
+    errno.EROFS: NBDError.EPERM,
+    errno.EIO: NBDError.EIO,
+    errno.ENOMEM: NBDError.ENOMEM,
+    errno.EINVAL: NBDError.EINVAL,
+    errno.ENOSPC: NBDError.ENOSPC,
+    errno.EDQUOT: NBDError.ENOSPC,
+    errno.EFBIG: NBDError.ENOSPC,
+    errno.EOVERFLOW: NBDError.EOVERFLOW,
+    errno.ENOTSUP: NBDError.ENOTSUP,
+    errno.ESHUTDOWN: NBDError.ESHUTDOWN,
+}
+
+
+def nbd_error_for(err: BaseException) -> NBDError:
+    """Fold an exception raised by a storage layer into the NBD error the client sees."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return _ERRNO_TO_NBD.get(err.errno, NBDError.EIO)
+    if isinstance(err, MemoryError):
+        return NBDError.ENOMEM
+    return NBDError.EIO

@@ -1,0 +1,149 @@
+"""Sans-I/O parser for the transmission phase: bytes in, `Request`s out.
+
+It owns the receive buffer so that the asyncio glue (a BufferedProtocol) can
+receive straight into it: headers land in a reusable scratch buffer, and a large
+WRITE payload is received directly into its own buffer without another copy.
+A WRITE longer than the maximum payload is not buffered: its payload is skipped
+as it arrives so that the stream stays framed, and the request is flagged.
+"""
+
+from __future__ import annotations
+
+from nbdguard.protocol import wire
+from nbdguard.protocol.constants import REQUEST_MAGIC, Command
+
+SCRATCH_SIZE = 256 * 1024
+DIRECT_THRESHOLD = 64 * 1024  # payload remainders at least this big skip the scratch buffer
+_HEADER = wire.REQUEST
+_HEADER_SIZE = _HEADER.size
+
+
+class ProtocolViolation(Exception):
+    """The peer broke framing; the only safe answer is to drop the connection."""
+
+
+class Request:
+    """One transmission request; `payload` holds WRITE data."""
+
+    __slots__ = ("command", "cookie", "flags", "length", "offset", "oversized", "payload")
+
+    def __init__(self, flags: int, command: int, cookie: int, offset: int, length: int) -> None:
+        self.flags = flags
+        self.command = command
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+        self.payload: bytearray | None = None
+        self.oversized = False  # a WRITE whose payload exceeded the maximum and was skipped
+
+    def __repr__(self) -> str:
+        return (
+            f"Request(command={self.command}, flags={self.flags:#x}, cookie={self.cookie:#x}, "
+            f"offset={self.offset}, length={self.length}, oversized={self.oversized})"
+        )
+
+
+class RequestParser:
+    """Frames requests; see module docstring for the buffering strategy."""
+
+    def __init__(self, max_payload: int) -> None:
+        self._max_payload = max_payload
+        self._scratch = bytearray(SCRATCH_SIZE)
+        self._view = memoryview(self._scratch)
+        self._start = 0
+        self._end = 0
+        self._pending: Request | None = None  # a WRITE waiting for payload
+        self._filled = 0  # payload bytes received (or skipped) so far
+        self._direct = False  # the last get_buffer() handed out the payload buffer
+
+    @property
+    def awaiting_payload(self) -> bool:
+        return self._pending is not None
+
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes should go."""
+        pending = self._pending
+        if pending is not None and not pending.oversized and pending.payload is not None:
+            remaining = pending.length - self._filled
+            if remaining >= DIRECT_THRESHOLD:
+                self._direct = True
+                return memoryview(pending.payload)[self._filled :]
+        self._direct = False
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif SCRATCH_SIZE - self._end < DIRECT_THRESHOLD:
+            size = self._end - self._start
+            self._scratch[:size] = self._scratch[self._start : self._end]
+            self._start, self._end = 0, size
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> list[Request]:
+        """Account for `nbytes` written into the last buffer; return completed requests."""
+        completed: list[Request] = []
+        if self._direct:
+            self._direct = False
+            self._filled += nbytes
+            self._complete_payload(completed)
+            return completed
+        self._end += nbytes
+        self._parse(completed)
+        return completed
+
+    def receive(self, data: bytes | bytearray | memoryview) -> list[Request]:
+        """Feed bytes by copying them through get_buffer (tests and slow paths)."""
+        completed: list[Request] = []
+        source = memoryview(data).cast("B")
+        while source:
+            target = self.get_buffer()
+            count = min(len(target), len(source))
+            target[:count] = source[:count]
+            source = source[count:]
+            completed += self.buffer_updated(count)
+        return completed
+
+    def _parse(self, completed: list[Request]) -> None:
+        scratch = self._scratch
+        while True:
+            if self._pending is not None:
+                self._take_payload_from_scratch()
+                if not self._complete_payload(completed):
+                    return
+            start = self._start
+            if self._end - start < _HEADER_SIZE:
+                return
+            magic, flags, command, cookie, offset, length = _HEADER.unpack_from(scratch, start)
+            self._start = start + _HEADER_SIZE
+            if magic != REQUEST_MAGIC:
+                raise ProtocolViolation(f"bad request magic {magic:#x}")
+            request = Request(flags, command, cookie, offset, length)
+            if command == Command.WRITE and length:
+                self._begin_payload(request)
+            else:
+                completed.append(request)
+
+    def _begin_payload(self, request: Request) -> None:
+        if request.length > self._max_payload:
+            request.oversized = True
+        else:
+            request.payload = bytearray(request.length)
+        self._pending = request
+        self._filled = 0
+
+    def _take_payload_from_scratch(self) -> None:
+        request = self._pending
+        assert request is not None
+        count = min(request.length - self._filled, self._end - self._start)
+        if count and request.payload is not None:
+            start = self._start
+            request.payload[self._filled : self._filled + count] = self._view[start : start + count]
+        self._start += count
+        self._filled += count
+
+    def _complete_payload(self, completed: list[Request]) -> bool:
+        request = self._pending
+        assert request is not None
+        if self._filled < request.length:
+            return False
+        self._pending = None
+        completed.append(request)
+        return True

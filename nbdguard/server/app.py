@@ -1,0 +1,122 @@
+"""The server's lifecycle in named phases: start (open exports, listen), serve,
+shut down (stop accepting, ESHUTDOWN new requests, drain, flush, close)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+from nbdguard.config import Config
+from nbdguard.errors import NbdguardError
+from nbdguard.observability.logging import get_logger
+from nbdguard.protocol.handshake import HandshakeLimits
+from nbdguard.server import listeners
+from nbdguard.server.connection import Connection
+from nbdguard.server.exports import Export, ExportRegistry, open_export
+
+SHUTDOWN_GRACE = 30.0
+
+
+class Server:
+    def __init__(self, config: Config, *, handshake_timeout: float = 10.0) -> None:
+        self.config = config
+        self.log: Any = get_logger()
+        self.registry = ExportRegistry()
+        self.handshake_limits = HandshakeLimits()
+        self.handshake_timeout = handshake_timeout
+        self.connections: set[Connection] = set()
+        self._listeners: list[asyncio.Server] = []
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        """Open every export, then every listener; any failure undoes what was done."""
+        try:
+            self.registry = ExportRegistry(self._open_exports())
+            for address in self.config.server.listen:
+                server = await listeners.listen(address, self._factory(str(address)))
+                self._listeners.append(server)
+                self.log.info("server.listening", address=listeners.bound_addresses(server))
+        except BaseException:
+            await self._close_listeners()
+            self.registry.close_all()
+            raise
+
+    def _open_exports(self) -> list[Export]:
+        opened: list[Export] = []
+        try:
+            for export_config in self.config.exports:
+                export = open_export(export_config)
+                opened.append(export)
+                self.log.info(
+                    "export.opened",
+                    export=export.name,
+                    path=str(export_config.path),
+                    format=export_config.format,
+                    size=export.info.size,
+                    read_only=export_config.read_only,
+                )
+        except NbdguardError:
+            for export in opened:
+                export.close()
+            raise
+        return opened
+
+    def _factory(self, listener: str) -> Any:
+        return lambda: Connection(self, listener)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        """Serve until SIGINT/SIGTERM (or request_stop), then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        try:
+            await self._stop.wait()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+            await self.shutdown()
+
+    def _on_signal(self, signum: int) -> None:
+        self.log.info("server.stopping", signal=signal.Signals(signum).name)
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        for server in self._listeners:
+            server.close()
+        connections = list(self.connections)
+        for connection in connections:
+            connection.begin_shutdown()
+        waits = [connection.closed for connection in connections]
+        if waits:
+            await asyncio.wait(waits, timeout=SHUTDOWN_GRACE)
+            for connection in connections:
+                if connection.transport is not None and not connection.closed.done():
+                    connection.transport.abort()
+        for export in self.registry.exports.values():
+            try:
+                await asyncio.to_thread(export.device.flush)
+            except OSError as err:
+                self.log.error("export.flush_failed", export=export.name, error=str(err))
+        await self._close_listeners()
+        self.registry.close_all()
+        self.log.info("server.stopped")
+
+    async def _close_listeners(self) -> None:
+        for server in self._listeners:
+            server.close()
+        for server in self._listeners:
+            # uvloop's wait_closed also waits for the server's connections: bound it.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), timeout=1.0)
+        self._listeners.clear()
+        for address in self.config.server.listen:
+            listeners.remove_unix_socket(address)
+
+    @property
+    def addresses(self) -> list[str]:
+        return [addr for server in self._listeners for addr in listeners.bound_addresses(server)]

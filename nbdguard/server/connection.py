@@ -1,0 +1,200 @@
+"""asyncio glue for one client connection: receive into the protocol's buffers,
+hand events to the dispatcher, and write replies with transport-level backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from nbdguard.protocol.constants import Command
+from nbdguard.protocol.handshake import Handshake, HandshakeClosed, HandshakeDone
+from nbdguard.protocol.transmission import ProtocolViolation, Request, RequestParser
+from nbdguard.protocol.validate import SessionLimits
+from nbdguard.server.dispatch import Dispatcher
+from nbdguard.storage.device import Buffer
+
+if TYPE_CHECKING:
+    from nbdguard.server.app import Server
+
+_ids = itertools.count(1)
+HANDSHAKE_BUFFER = 64 * 1024
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One NBD client, from greeting to disconnect."""
+
+    def __init__(self, server: Server, listener: str) -> None:
+        self.server = server
+        self.id = next(_ids)
+        self.log = server.log.bind(conn=self.id, listener=listener)
+        self.transport: asyncio.Transport | None = None
+        self.handshake: Handshake | None = Handshake(server.registry, server.handshake_limits)
+        self.parser: RequestParser | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.export_name: str | None = None
+        self._handshake_view = memoryview(bytearray(HANDSHAKE_BUFFER))
+        self._deadline: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._stopped_reading = False
+        self.closed = asyncio.get_running_loop().create_future()
+
+    # -- asyncio callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.log = self.log.bind(client=_format_peer(peer))
+        self.server.connections.add(self)
+        assert self.handshake is not None
+        transport.write(self.handshake.data_to_send())
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self.server.handshake_timeout, self._handshake_expired)
+        self.log.debug("connection.opened")
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.parser is not None:
+            return self.parser.get_buffer()
+        return self._handshake_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.parser is not None:
+            self._receive_requests(nbytes)
+        elif self.handshake is not None:
+            self._receive_handshake(self._handshake_view[:nbytes])
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self.server.connections.discard(self)
+        if self.dispatcher is not None:
+            self.dispatcher.shutting_down = True
+        self.log.info("connection.closed", export=self.export_name, error=repr(exc) if exc else None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._set_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._set_reading()
+
+    # -- handshake -------------------------------------------------------------------
+
+    def _receive_handshake(self, data: memoryview) -> None:
+        assert self.handshake is not None and self.transport is not None
+        event = self.handshake.receive(data)
+        pending = self.handshake.data_to_send()
+        if pending:
+            self.transport.write(pending)
+        if isinstance(event, HandshakeClosed):
+            log = self.log.info if event.clean else self.log.warning
+            log("handshake.closed", reason=event.reason)
+            self.transport.close()
+        elif isinstance(event, HandshakeDone):
+            self._enter_transmission(event)
+
+    def _enter_transmission(self, done: HandshakeDone) -> None:
+        assert self.transport is not None
+        if self._deadline is not None:
+            self._deadline.cancel()
+        export = self.server.registry.get(done.export.name)
+        assert export is not None
+        self.export_name = export.name
+        self.log = self.log.bind(export=export.name)
+        limits = SessionLimits.for_export(
+            done.export.size,
+            done.flags,
+            done.structured_replies,
+            len(done.meta_contexts),
+            done.export.max_payload,
+        )
+        self.dispatcher = Dispatcher(export, limits, done.meta_contexts, self._send, self.log)
+        self.parser = RequestParser(done.export.max_payload)
+        self.handshake = None
+        self.log.info(
+            "connection.ready", structured_replies=done.structured_replies, flags=done.flags
+        )
+        if done.leftover:
+            self._serve_all(self._parse(lambda parser: parser.receive(done.leftover)))
+
+    def _handshake_expired(self) -> None:
+        if self.handshake is not None and self.transport is not None:
+            self.log.warning("handshake.timeout", seconds=self.server.handshake_timeout)
+            self.transport.abort()
+
+    # -- transmission ----------------------------------------------------------------
+
+    def _receive_requests(self, nbytes: int) -> None:
+        self._serve_all(self._parse(lambda parser: parser.buffer_updated(nbytes)))
+
+    def _parse(self, feed: Any) -> list[Request]:
+        assert self.parser is not None and self.transport is not None
+        try:
+            requests: list[Request] = feed(self.parser)
+        except ProtocolViolation as err:
+            self.log.warning("protocol.violation", reason=str(err))
+            self.transport.abort()
+            return []
+        return requests
+
+    def _serve_all(self, requests: list[Request]) -> None:
+        dispatcher = self.dispatcher
+        assert dispatcher is not None
+        for request in requests:
+            if request.command == Command.DISC:
+                self._disconnect()
+                return
+            dispatcher.handle(request)
+
+    def _disconnect(self) -> None:
+        """NBD_CMD_DISC: stop reading, finish what is in flight, then close."""
+        self._stopped_reading = True
+        self._set_reading()
+        self.parser = None
+        self.log.debug("connection.disc")
+        asyncio.ensure_future(self.close_after_drain())
+
+    async def close_after_drain(self) -> None:
+        if self.dispatcher is not None:
+            await self.dispatcher.drain()
+        if self.transport is not None:
+            self.transport.close()
+
+    def begin_shutdown(self) -> None:
+        """Server is stopping: answer new requests with ESHUTDOWN; close when drained."""
+        if self.dispatcher is None:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.dispatcher.shutting_down = True
+        asyncio.ensure_future(self.close_after_drain())
+
+    def _send(self, pieces: Sequence[Buffer]) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines(pieces)
+
+    def _set_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._write_paused or self._stopped_reading:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+
+def _format_peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer) if peer else "unix"

@@ -1,0 +1,206 @@
+"""Serve validated requests against an export's device and encode the replies.
+
+Fast operations (reads from the mapping, pwrite, fallocate, lseek) run inline on
+the event loop and reply at once; flushes (FLUSH, FUA) run in a worker thread,
+so their replies may overtake or trail others: NBD replies are matched by cookie.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from nbdguard.errors import nbd_error_for
+from nbdguard.protocol import wire
+from nbdguard.protocol.constants import AllocationFlag, Command, CommandFlag, NBDError
+from nbdguard.protocol.transmission import Request
+from nbdguard.protocol.validate import SessionLimits, validate
+from nbdguard.server.exports import Export
+from nbdguard.storage.device import Buffer, Extent
+
+ZERO = int(AllocationFlag.ZERO)  # OFFSET_HOLE means "reads as zeroes"
+
+SPARSE_READ_MIN = 64 * 1024  # smaller reads are sent as data: a hole probe costs more
+READ_MAX_EXTENTS = 64
+STATUS_MAX_EXTENTS = 4096
+Send = Callable[[Sequence[Buffer]], None]
+
+
+class Dispatcher:
+    """Per-connection request handling; one export, one negotiated session."""
+
+    def __init__(
+        self,
+        export: Export,
+        limits: SessionLimits,
+        contexts: tuple[int, ...],
+        send: Send,
+        log: Any,
+    ) -> None:
+        self.export = export
+        self.device = export.device
+        self.limits = limits
+        self.structured = limits.structured_replies
+        self.contexts = contexts
+        self.send = send
+        self.log = log
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.shutting_down = False
+
+    def handle(self, request: Request) -> None:
+        """Serve one request; replies are sent inline or by a task."""
+        error = NBDError.ESHUTDOWN if self.shutting_down else validate(request, self.limits)
+        if error:
+            self.reply_error(request, error)
+            return
+        try:
+            _HANDLERS[request.command](self, request)
+        except Exception as exc:
+            self.fail(request, exc)
+
+    def fail(self, request: Request, exc: BaseException) -> None:
+        error = nbd_error_for(exc)
+        self.log.warning(
+            "request.failed",
+            command=Command(request.command).name,
+            offset=request.offset,
+            length=request.length,
+            error=error.name,
+            cause=repr(exc),
+        )
+        self.reply_error(request, error)
+
+    def reply_error(self, request: Request, error: NBDError) -> None:
+        if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):
+            self.send([wire.error_chunk(request.cookie, error, error.name)])
+        else:
+            self.send([wire.simple_reply(request.cookie, error)])
+
+    def reply_ok(self, request: Request) -> None:
+        self.send([wire.simple_reply(request.cookie, 0)])
+
+    # -- commands ---------------------------------------------------------------
+
+    def read(self, request: Request) -> None:
+        cookie, offset, length = request.cookie, request.offset, request.length
+        if not self.structured:
+            self.send([wire.simple_reply(cookie, 0), self.device.pread(offset, length)])
+        elif length >= SPARSE_READ_MIN and self.device.capabilities.sparse_reads:
+            self._read_sparse(request)
+        elif length:
+            header = wire.data_chunk_header(cookie, offset, length, done=True)
+            self.send([header, self.device.pread(offset, length)])
+        else:
+            self.send([wire.none_chunk(cookie)])
+
+    def _read_sparse(self, request: Request) -> None:
+        """Structured read that sends holes as OFFSET_HOLE chunks (one chunk when DF)."""
+        cookie, offset, length = request.cookie, request.offset, request.length
+        extents = self.device.block_status(offset, length, READ_MAX_EXTENTS)
+        if request.flags & CommandFlag.DF:
+            if extents[0][0] >= length and extents[0][1] & ZERO:
+                self.send([wire.hole_chunk(cookie, offset, length, done=True)])
+            else:
+                header = wire.data_chunk_header(cookie, offset, length, done=True)
+                self.send([header, self.device.pread(offset, length)])
+            return
+        self.send(self._sparse_chunks(cookie, offset, length, extents))
+
+    def _sparse_chunks(
+        self, cookie: int, offset: int, length: int, extents: list[Extent]
+    ) -> list[Buffer]:
+        end = offset + length
+        pieces: list[Buffer] = []
+        pos = offset
+        for extent_length, flags in extents:
+            stop = min(pos + extent_length, end)
+            last = stop >= end
+            if flags & ZERO:
+                pieces.append(wire.hole_chunk(cookie, pos, stop - pos, done=last))
+            else:
+                pieces.append(wire.data_chunk_header(cookie, pos, stop - pos, done=last))
+                pieces.append(self.device.pread(pos, stop - pos))
+            pos = stop
+            if last:
+                return pieces
+        pieces.append(wire.data_chunk_header(cookie, pos, end - pos, done=True))
+        pieces.append(self.device.pread(pos, end - pos))
+        return pieces
+
+    def write(self, request: Request) -> None:
+        if request.payload is not None:
+            self.device.pwrite(request.payload, request.offset)
+        self._finish_write(request)
+
+    def trim(self, request: Request) -> None:
+        if request.length:
+            self.device.trim(request.offset, request.length)
+        self._finish_write(request)
+
+    def write_zeroes(self, request: Request) -> None:
+        if request.length:
+            flags = request.flags
+            self.device.write_zeroes(
+                request.offset,
+                request.length,
+                may_trim=not flags & CommandFlag.NO_HOLE,
+                fast=bool(flags & CommandFlag.FAST_ZERO),
+            )
+        self._finish_write(request)
+
+    def _finish_write(self, request: Request) -> None:
+        if request.flags & CommandFlag.FUA:
+            self.spawn(self._flush_then_reply(request))
+        else:
+            self.reply_ok(request)
+
+    def flush(self, request: Request) -> None:
+        self.spawn(self._flush_then_reply(request))
+
+    async def _flush_then_reply(self, request: Request) -> None:
+        try:
+            await asyncio.to_thread(self.device.flush)
+        except Exception as exc:
+            self.fail(request, exc)
+            return
+        self.reply_ok(request)
+
+    def cache(self, request: Request) -> None:
+        if request.length:
+            self.device.cache(request.offset, request.length)
+        self.reply_ok(request)
+
+    def block_status(self, request: Request) -> None:
+        one = bool(request.flags & CommandFlag.REQ_ONE)
+        extents = self.device.block_status(
+            request.offset, request.length, 1 if one else STATUS_MAX_EXTENTS
+        )
+        last = len(self.contexts) - 1
+        self.send(
+            [
+                wire.block_status_chunk(request.cookie, context, extents, done=index == last)
+                for index, context in enumerate(self.contexts)
+            ]
+        )
+
+    def spawn(self, work: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait until every reply still being worked on has been sent."""
+        while self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+_HANDLERS: dict[int, Callable[[Dispatcher, Request], None]] = {
+    Command.READ: Dispatcher.read,
+    Command.WRITE: Dispatcher.write,
+    Command.FLUSH: Dispatcher.flush,
+    Command.TRIM: Dispatcher.trim,
+    Command.CACHE: Dispatcher.cache,
+    Command.WRITE_ZEROES: Dispatcher.write_zeroes,
+    Command.BLOCK_STATUS: Dispatcher.block_status,
+}

@@ -1,0 +1,84 @@
+"""Exports as the server holds them: a device stack plus what the handshake advertises."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from nbdguard.config import ExportConfig
+from nbdguard.protocol.constants import MAX_PAYLOAD, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE
+from nbdguard.protocol.constants import TransmissionFlag as TF
+from nbdguard.protocol.handshake import ExportInfo
+from nbdguard.storage.device import BlockDevice, Capabilities
+from nbdguard.storage.stack import build_device
+
+_WRITE_FLAGS = TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES
+
+
+@dataclass(slots=True)
+class Export:
+    """One configured export, opened: every connection to it shares this object."""
+
+    config: ExportConfig
+    device: BlockDevice
+    info: ExportInfo
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def close(self) -> None:
+        self.device.close()
+
+
+def transmission_flags(capabilities: Capabilities) -> int:
+    flags = TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_DF | TF.SEND_CACHE
+    if capabilities.read_only:
+        flags |= TF.READ_ONLY
+    else:
+        flags |= _WRITE_FLAGS
+        if capabilities.fast_zero:
+            flags |= TF.SEND_FAST_ZERO
+    if capabilities.multi_conn:
+        flags |= TF.CAN_MULTI_CONN
+    return int(flags)
+
+
+def open_export(config: ExportConfig) -> Export:
+    """Open the export's device stack; raises ExportOpenError with the reason."""
+    device = build_device(config)
+    info = ExportInfo(
+        name=config.name,
+        description=config.description,
+        size=device.size,
+        flags=transmission_flags(device.capabilities),
+        min_block=MIN_BLOCK_SIZE,
+        preferred_block=PREFERRED_BLOCK_SIZE,
+        max_payload=MAX_PAYLOAD,
+    )
+    return Export(config, device, info)
+
+
+class ExportRegistry:
+    """The open exports by name; the handshake's ExportDirectory."""
+
+    def __init__(self, exports: Iterable[Export] = ()) -> None:
+        self._exports: dict[str, Export] = {export.name: export for export in exports}
+
+    @property
+    def exports(self) -> Mapping[str, Export]:
+        return self._exports
+
+    def get(self, name: str) -> Export | None:
+        return self._exports.get(name)
+
+    def visible_exports(self) -> Iterable[ExportInfo]:
+        return [export.info for export in self._exports.values()]
+
+    def find(self, name: str) -> ExportInfo | None:
+        export = self._exports.get(name)
+        return export.info if export is not None else None
+
+    def close_all(self) -> None:
+        for export in self._exports.values():
+            export.close()

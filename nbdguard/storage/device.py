@@ -1,0 +1,98 @@
+"""The one interface every export layer implements, and a pass-through base for layers.
+
+Methods are synchronous and run on the event loop thread, except `flush`, which
+the dispatcher may run in a worker thread: implementations must make `flush` safe
+to call concurrently with the other methods. Inputs are validated before they
+get here (range, read-only, flags), so layers assert rather than re-check.
+Failures are `OSError`s carrying the errno the client should see.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from nbdguard.protocol.constants import AllocationFlag
+
+Buffer = bytes | bytearray | memoryview
+Extent = tuple[int, int]  # (length, AllocationFlag bits)
+
+DATA = 0
+HOLE_ZERO = int(AllocationFlag.HOLE | AllocationFlag.ZERO)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a device can do; the server derives transmission flags from it."""
+
+    read_only: bool
+    multi_conn: bool  # writes and flushes are visible across connections
+    fast_zero: bool  # write_zeroes(fast=True) can ever succeed
+    sparse_reads: bool  # block_status can report holes cheaply
+
+
+class BlockDevice(ABC):
+    """A byte-addressed device of fixed size."""
+
+    size: int
+    capabilities: Capabilities
+
+    @abstractmethod
+    def pread(self, offset: int, length: int) -> Buffer:
+        """Return `length` bytes at `offset`; may be a view the caller must not keep long."""
+
+    @abstractmethod
+    def pwrite(self, data: Buffer, offset: int) -> None: ...
+
+    @abstractmethod
+    def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
+        """Zero a range; with `fast`, raise ENOTSUP rather than write zeroes slowly."""
+
+    @abstractmethod
+    def trim(self, offset: int, length: int) -> None: ...
+
+    @abstractmethod
+    def flush(self) -> None: ...
+
+    @abstractmethod
+    def cache(self, offset: int, length: int) -> None: ...
+
+    @abstractmethod
+    def block_status(self, offset: int, length: int, max_extents: int) -> list[Extent]:
+        """Extents covering a prefix (at least one byte) of the range, at most `max_extents`."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class Layer(BlockDevice):
+    """A device that wraps another and overrides only what it changes."""
+
+    def __init__(self, inner: BlockDevice) -> None:
+        self.inner = inner
+        self.size = inner.size
+        self.capabilities = inner.capabilities
+
+    def pread(self, offset: int, length: int) -> Buffer:
+        return self.inner.pread(offset, length)
+
+    def pwrite(self, data: Buffer, offset: int) -> None:
+        self.inner.pwrite(data, offset)
+
+    def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
+        self.inner.write_zeroes(offset, length, may_trim=may_trim, fast=fast)
+
+    def trim(self, offset: int, length: int) -> None:
+        self.inner.trim(offset, length)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def cache(self, offset: int, length: int) -> None:
+        self.inner.cache(offset, length)
+
+    def block_status(self, offset: int, length: int, max_extents: int) -> list[Extent]:
+        return self.inner.block_status(offset, length, max_extents)
+
+    def close(self) -> None:
+        self.inner.close()

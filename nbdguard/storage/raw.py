@@ -1,0 +1,97 @@
+"""The raw format driver: the image's bytes are the device's bytes.
+
+Reads are zero-copy slices of a read-only shared mapping. Writes go through
+pwrite rather than the mapping, so a full file system reports ENOSPC instead of
+killing the process with SIGBUS; the page cache keeps both views coherent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+
+from nbdguard.storage import fileops
+from nbdguard.storage.device import BlockDevice, Buffer, Capabilities, Extent
+from nbdguard.storage.pinned import OpenedFile
+
+
+class RawImage(BlockDevice):
+    def __init__(self, file: OpenedFile) -> None:
+        self.file = file
+        self.size = file.size
+        self._fd = file.fd
+        self._map = (
+            mmap.mmap(file.fd, file.size, mmap.MAP_SHARED, mmap.PROT_READ) if file.size else None
+        )
+        self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
+        self._can_punch = True
+        self._can_zero_range = True
+        self.capabilities = Capabilities(
+            read_only=file.read_only, multi_conn=True, fast_zero=True, sparse_reads=True
+        )
+
+    def pread(self, offset: int, length: int) -> Buffer:
+        return self._view[offset : offset + length]
+
+    def pwrite(self, data: Buffer, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
+        if may_trim and self._try_punch(offset, length):
+            return
+        if self._try_zero_range(offset, length):
+            return
+        if fast:
+            raise OSError(errno.ENOTSUP, "zeroing this range would not be fast")
+        fileops.write_zero_bytes(self._fd, offset, length)
+
+    def trim(self, offset: int, length: int) -> None:
+        self._try_punch(offset, length)  # advisory: nothing to do where holes are unsupported
+
+    def flush(self) -> None:
+        os.fdatasync(self._fd)
+
+    def cache(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def block_status(self, offset: int, length: int, max_extents: int) -> list[Extent]:
+        return fileops.extents(self._fd, offset, length, max_extents)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self._view.release()
+        if self._map is not None:
+            # A reply may still reference the mapping; then garbage collection unmaps it.
+            with contextlib.suppress(BufferError):
+                self._map.close()
+        self.file.close()
+
+    def _try_punch(self, offset: int, length: int) -> bool:
+        if not self._can_punch:
+            return False
+        try:
+            fileops.punch_hole(self._fd, offset, length)
+        except OSError as err:
+            if err.errno not in fileops.UNSUPPORTED:
+                raise
+            self._can_punch = False
+            return False
+        return True
+
+    def _try_zero_range(self, offset: int, length: int) -> bool:
+        if not self._can_zero_range:
+            return False
+        try:
+            fileops.zero_range(self._fd, offset, length)
+        except OSError as err:
+            if err.errno not in fileops.UNSUPPORTED:
+                raise
+            self._can_zero_range = False
+            return False
+        return True
