@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -114,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the exports of a config file")
     serve.add_argument("--config", "-c", help="TOML config (default: a scratch raw export)")
     serve.add_argument(
-        "--listen", action="append", metavar="ADDR",
+        "--listen",
+        action="append",
+        metavar="ADDR",
         help="tcp://HOST:PORT or unix:///PATH; repeatable; replaces the config's list",
     )
     serve.add_argument("--metrics-listen", metavar="HOST:PORT", help="Prometheus endpoint")

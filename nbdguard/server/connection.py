@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from nbdguard.protocol.constants import Command
 from nbdguard.protocol.handshake import Handshake, HandshakeClosed, HandshakeDone
@@ -39,13 +39,14 @@ class Connection(asyncio.BufferedProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._stopped_reading = False
+        self._closer: asyncio.Future[None] | None = None
         self.closed = asyncio.get_running_loop().create_future()
 
     # -- asyncio callbacks ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        transport = self.transport
         peer = transport.get_extra_info("peername")
         self.log = self.log.bind(client=_format_peer(peer))
         self.server.connections.add(self)
@@ -75,7 +76,9 @@ class Connection(asyncio.BufferedProtocol):
         self.server.connections.discard(self)
         if self.dispatcher is not None:
             self.dispatcher.shutting_down = True
-        self.log.info("connection.closed", export=self.export_name, error=repr(exc) if exc else None)
+        self.log.info(
+            "connection.closed", export=self.export_name, error=repr(exc) if exc else None
+        )
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -161,7 +164,7 @@ class Connection(asyncio.BufferedProtocol):
         self._set_reading()
         self.parser = None
         self.log.debug("connection.disc")
-        asyncio.ensure_future(self.close_after_drain())
+        self._start_closing()
 
     async def close_after_drain(self) -> None:
         if self.dispatcher is not None:
@@ -176,7 +179,11 @@ class Connection(asyncio.BufferedProtocol):
                 self.transport.close()
             return
         self.dispatcher.shutting_down = True
-        asyncio.ensure_future(self.close_after_drain())
+        self._start_closing()
+
+    def _start_closing(self) -> None:
+        if self._closer is None:
+            self._closer = asyncio.ensure_future(self.close_after_drain())
 
     def _send(self, pieces: Sequence[Buffer]) -> None:
         transport = self.transport

@@ -6,13 +6,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from nbdguard.config import ExportConfig
-from nbdguard.protocol.constants import MAX_PAYLOAD, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE
-from nbdguard.protocol.constants import TransmissionFlag as TF
+from nbdguard.protocol.constants import (
+    MAX_PAYLOAD,
+    MIN_BLOCK_SIZE,
+    PREFERRED_BLOCK_SIZE,
+    TransmissionFlag,
+)
 from nbdguard.protocol.handshake import ExportInfo
 from nbdguard.storage.device import BlockDevice, Capabilities
 from nbdguard.storage.stack import build_device
 
-_WRITE_FLAGS = TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES
+_WRITE_FLAGS = (
+    TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES
+)
 
 
 @dataclass(slots=True)
@@ -32,15 +38,20 @@ class Export:
 
 
 def transmission_flags(capabilities: Capabilities) -> int:
-    flags = TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_DF | TF.SEND_CACHE
+    flags = (
+        TransmissionFlag.HAS_FLAGS
+        | TransmissionFlag.SEND_FLUSH
+        | TransmissionFlag.SEND_DF
+        | TransmissionFlag.SEND_CACHE
+    )
     if capabilities.read_only:
-        flags |= TF.READ_ONLY
+        flags |= TransmissionFlag.READ_ONLY
     else:
         flags |= _WRITE_FLAGS
         if capabilities.fast_zero:
-            flags |= TF.SEND_FAST_ZERO
+            flags |= TransmissionFlag.SEND_FAST_ZERO
     if capabilities.multi_conn:
-        flags |= TF.CAN_MULTI_CONN
+        flags |= TransmissionFlag.CAN_MULTI_CONN
     return int(flags)
 
 

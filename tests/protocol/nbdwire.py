@@ -29,7 +29,9 @@ def meta_payload(name: str, *queries: str) -> bytes:
     return body
 
 
-def request(command: int, offset: int = 0, length: int = 0, *, flags: int = 0, cookie: int = 1) -> bytes:
+def request(
+    command: int, offset: int = 0, length: int = 0, *, flags: int = 0, cookie: int = 1
+) -> bytes:
     return struct.pack(">IHHQQI", REQUEST_MAGIC, flags, command, cookie, offset, length)
 
 

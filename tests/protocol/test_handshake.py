@@ -191,8 +191,10 @@ def test_meta_contexts_list_and_set(directory: Directory) -> None:
     hs.receive(option(Option.LIST_META_CONTEXT, meta_payload("vm1", "qemu:dirty-bitmap:x")))
     out = replies(hs)
     assert [r.reply for r in out] == [
-        OptionReply.META_CONTEXT, OptionReply.ACK,
-        OptionReply.META_CONTEXT, OptionReply.ACK,
+        OptionReply.META_CONTEXT,
+        OptionReply.ACK,
+        OptionReply.META_CONTEXT,
+        OptionReply.ACK,
         OptionReply.ACK,
     ]
     assert out[0].payload == struct.pack(">I", 0) + b"base:allocation"
