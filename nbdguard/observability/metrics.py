@@ -3,9 +3,11 @@ per-request cost is an attribute lookup and an increment."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from nbdguard import __version__
 
@@ -38,7 +40,8 @@ class Metrics:
         self.build_info.labels(version=__version__).set(1)
 
     def for_export(self, export: str) -> ExportMetrics:
-        return ExportMetrics(self, export, self.sector0_rmw.labels(export=export).inc)
+        rmw = self.sector0_rmw.labels(export=export)
+        return ExportMetrics(self, export, rmw.inc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +50,7 @@ class ExportMetrics:
 
     metrics: Metrics
     export: str
-    count_rmw: object
+    count_rmw: Callable[[], None]
 
     def blocked(self, detected_format: str, command: str) -> None:
         self.metrics.header_writes_blocked.labels(
@@ -56,3 +59,9 @@ class ExportMetrics:
 
     def existing_header(self, detected_format: str) -> None:
         self.metrics.existing_header.labels(export=self.export, format=detected_format).set(1)
+
+
+def start_metrics_endpoint(metrics: Metrics, host: str, port: int) -> tuple[Any, Any]:
+    """Serve /metrics from prometheus-client's own HTTP server (a daemon thread)."""
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server, thread

@@ -10,7 +10,9 @@ from typing import Any
 
 from nbdguard.config import Config
 from nbdguard.errors import NbdguardError
+from nbdguard.guard.sector0 import Sector0Guard
 from nbdguard.observability.logging import get_logger
+from nbdguard.observability.metrics import Metrics, start_metrics_endpoint
 from nbdguard.protocol.handshake import HandshakeLimits
 from nbdguard.server import listeners
 from nbdguard.server.connection import Connection
@@ -29,11 +31,14 @@ class Server:
         self.connections: set[Connection] = set()
         self._listeners: list[asyncio.Server] = []
         self._stop = asyncio.Event()
+        self.metrics = Metrics()
+        self._metrics_server: Any = None
 
     async def start(self) -> None:
         """Open every export, then every listener; any failure undoes what was done."""
         try:
             self.registry = ExportRegistry(self._open_exports())
+            self._start_metrics()
             for address in self.config.server.listen:
                 server = await listeners.listen(address, self._factory(str(address)))
                 self._listeners.append(server)
@@ -47,8 +52,9 @@ class Server:
         opened: list[Export] = []
         try:
             for export_config in self.config.exports:
-                export = open_export(export_config)
+                export = open_export(export_config, self.metrics.for_export(export_config.name))
                 opened.append(export)
+                self._report_existing_header(export)
                 self.log.info(
                     "export.opened",
                     export=export.name,
@@ -62,6 +68,33 @@ class Server:
                 export.close()
             raise
         return opened
+
+    def _report_existing_header(self, export: Export) -> None:
+        if not isinstance(export.device, Sector0Guard):
+            return
+        detected = export.device.existing_header()
+        if detected is not None:
+            export.metrics.existing_header(detected)
+            self.log.warning(
+                "export.existing_header",
+                export=export.name,
+                path=str(export.config.path),
+                format=detected,
+                message="sector 0 already matches an image-format header; probing tools "
+                "would misread this raw image",
+            )
+
+    def _start_metrics(self) -> None:
+        endpoint = self.config.server.metrics_listen
+        if endpoint is None:
+            return
+        host, port = endpoint
+        try:
+            self._metrics_server, _ = start_metrics_endpoint(self.metrics, host, port)
+        except OSError as err:
+            raise NbdguardError(f"cannot serve metrics on {host}:{port}: {err.strerror}") from err
+        bound = self._metrics_server.server_address[1]
+        self.log.info("metrics.listening", address=f"{host}:{bound}")
 
     def _factory(self, listener: str) -> Any:
         return lambda: Connection(self, listener)
@@ -104,6 +137,8 @@ class Server:
                 self.log.error("export.flush_failed", export=export.name, error=str(err))
         await self._close_listeners()
         self.registry.close_all()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         self.log.info("server.stopped")
 
     async def _close_listeners(self) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from nbdguard.errors import nbd_error_for
+from nbdguard.guard.sector0 import HeaderWriteBlocked
 from nbdguard.protocol import wire
 from nbdguard.protocol.constants import AllocationFlag, Command, CommandFlag, NBDError
 from nbdguard.protocol.transmission import Request
@@ -60,6 +61,10 @@ class Dispatcher:
             self.fail(request, exc)
 
     def fail(self, request: Request, exc: BaseException) -> None:
+        if isinstance(exc, HeaderWriteBlocked):
+            self._audit_blocked(request, exc)
+            self.reply_error(request, NBDError.EPERM)
+            return
         error = nbd_error_for(exc)
         self.log.warning(
             "request.failed",
@@ -70,6 +75,18 @@ class Dispatcher:
             cause=repr(exc),
         )
         self.reply_error(request, error)
+
+    def _audit_blocked(self, request: Request, blocked: HeaderWriteBlocked) -> None:
+        command = Command(request.command).name.lower()
+        self.export.metrics.blocked(blocked.format, command)
+        self.log.warning(
+            "guard.header_write_blocked",
+            command=command,
+            offset=request.offset,
+            length=request.length,
+            format=blocked.format,
+            sector_head=blocked.sector_head.hex(),
+        )
 
     def reply_error(self, request: Request, error: NBDError) -> None:
         if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from nbdguard.config import ExportConfig
+from nbdguard.observability.metrics import ExportMetrics
 from nbdguard.protocol.constants import (
     MAX_PAYLOAD,
     MIN_BLOCK_SIZE,
@@ -28,6 +29,7 @@ class Export:
     config: ExportConfig
     device: BlockDevice
     info: ExportInfo
+    metrics: ExportMetrics
 
     @property
     def name(self) -> str:
@@ -55,9 +57,9 @@ def transmission_flags(capabilities: Capabilities) -> int:
     return int(flags)
 
 
-def open_export(config: ExportConfig) -> Export:
+def open_export(config: ExportConfig, metrics: ExportMetrics) -> Export:
     """Open the export's device stack; raises ExportOpenError with the reason."""
-    device = build_device(config)
+    device = build_device(config, on_rmw=metrics.count_rmw)
     info = ExportInfo(
         name=config.name,
         description=config.description,
@@ -67,7 +69,7 @@ def open_export(config: ExportConfig) -> Export:
         preferred_block=PREFERRED_BLOCK_SIZE,
         max_payload=MAX_PAYLOAD,
     )
-    return Export(config, device, info)
+    return Export(config, device, info, metrics)
 
 
 class ExportRegistry:

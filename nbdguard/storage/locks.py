@@ -15,6 +15,8 @@ import errno
 import fcntl
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 PERM_BASE = 100
 SHARED_BASE = 200
@@ -26,6 +28,7 @@ _PERM_NAMES = ("consistent read", "write", "write unchanged", "resize", "graph m
 _FLOCK = struct.Struct("hhqqi4x")
 _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+_F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
 
 
 class LockConflict(OSError):
@@ -65,3 +68,21 @@ def lock_image(fd: int, *, writable: bool) -> None:
 
 def _conflict(message: str) -> None:
     raise LockConflict(errno.EAGAIN, f"image is locked: {message}")
+
+
+SECTOR_LOCK_END = PERM_BASE  # bytes 100+ carry the permission locks above
+
+
+@contextmanager
+def sector_lock(fd: int) -> Iterator[None]:
+    """Hold an OFD write lock over bytes 0-99 while sector 0 is read, checked and written.
+
+    Another process following the same convention cannot interleave its own
+    read-modify-write of sector 0. The lock stops short of byte 100 because a write
+    lock over the permission bytes would replace our own read locks there.
+    """
+    _flock(fd, _F_OFD_SETLKW, fcntl.F_WRLCK, 0, SECTOR_LOCK_END)
+    try:
+        yield
+    finally:
+        _flock(fd, _F_OFD_SETLK, fcntl.F_UNLCK, 0, SECTOR_LOCK_END)

@@ -1,0 +1,118 @@
+"""The command line and the server's lifecycle, as an operator meets them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.interop.conftest import ROOT, ExportSpec, require, run, start_server
+
+nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
+pytestmark = pytest.mark.interop
+
+
+def nbdguard(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nbdguard", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env=env,
+    )
+
+
+def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
+    (tmp_path / "a.raw").write_bytes(bytes(4096))
+    config = tmp_path / "c.toml"
+    config.write_text('[[exports]]\nname = "a"\npath = "a.raw"\nformat = "raw"\n')
+    result = nbdguard("check-config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "OK (1 export" in result.stdout
+
+
+def test_check_config_names_export_and_path_of_a_missing_image(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[[exports]]\nname = "vm7"\npath = "gone.raw"\nformat = "raw"\n')
+    result = nbdguard("check-config", str(config))
+    assert result.returncode == 1
+    assert "vm7" in result.stderr and "gone.raw" in result.stderr
+
+
+def test_config_errors_exit_2_with_every_problem(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[[exports]]\nname = "a"\npath = "a.raw"\nformat = "auto"\nbogus = 1\n')
+    for args in (["check-config", str(config)], ["serve", "--config", str(config)]):
+        result = nbdguard(*args)
+        assert result.returncode == 2
+        assert '"raw"' in result.stderr and "bogus" in result.stderr
+
+
+def test_serve_without_config_offers_a_scratch_export(tmp_path: Path) -> None:
+    require("nbdinfo")
+    env = dict(os.environ, NBDGUARD_STATE_DIR=str(tmp_path / "state"))
+    sock = tmp_path / "s.sock"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nbdguard", "serve", "--listen", f"unix://{sock}"],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        listed = json.loads(
+            run("nbdinfo", "--list", "--json", f"nbd+unix:///?socket={sock}").stdout
+        )
+        [export] = listed["exports"]
+        assert export["export-name"] == "scratch" and export["export-size"] == 1 << 30
+        assert (tmp_path / "state" / "scratch.raw").stat().st_size == 1 << 30
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    assert process.returncode == 0
+    assert "server.scratch_mode" in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_drains_flushes_and_exits_0(tmp_path: Path, sig: int) -> None:
+    server = start_server(tmp_path / "srv", [ExportSpec("vm1", size=16 << 20)])
+    h = nbd.NBD()
+    h.connect_uri(server.uri("vm1"))
+    cookies = [
+        h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray([i + 1]) * 65536), i * 65536)
+        for i in range(32)
+    ]
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    assert all(h.aio_command_completed(cookie) for cookie in cookies)
+    assert server.stop(sig) == 0
+    data = server.images["vm1"].read_bytes()
+    for i in range(32):
+        assert data[i * 65536 : (i + 1) * 65536] == bytes([i + 1]) * 65536
+    with pytest.raises(nbd.Error):
+        h.pread(512, 0)
+    log = server.log()
+    assert "server.stopping" in log and "server.stopped" in log
+
+
+def test_second_server_cannot_open_a_served_image(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "srv", [ExportSpec("vm1", size=1 << 20)])
+    config = tmp_path / "srv" / "nbdguard.toml"
+    other = tmp_path / "other.toml"
+    text = config.read_text().replace(str(tmp_path / "srv" / "nbd.sock"), str(tmp_path / "o.sock"))
+    other.write_text(text.replace(f"tcp://127.0.0.1:{server.port}", "tcp://127.0.0.1:0"))
+    (tmp_path / "vm1.raw").symlink_to(server.images["vm1"])
+    result = nbdguard("serve", "--config", str(other))
+    assert result.returncode == 1
+    assert "locked" in result.stderr
+    assert server.stop() == 0
