@@ -92,20 +92,27 @@ class Config:
 
 def parse_host_port(text: str) -> tuple[str, int]:
     """`HOST:PORT` or `[V6]:PORT` into (host, port)."""
+    try:
+        return _split_host_port(text)
+    except ValueError as err:
+        raise ValueError(f"{text!r}: {err}") from None
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
-            raise ValueError(f"{text!r}: expected [IPV6]:PORT")
+            raise ValueError("expected [IPV6]:PORT")
         ipaddress.IPv6Address(host)
         port_text = rest[1:]
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep or ":" in host:
-            raise ValueError(f"{text!r}: expected HOST:PORT (IPv6 in brackets)")
+            raise ValueError("expected HOST:PORT (IPv6 addresses in brackets)")
     if not host:
-        raise ValueError(f"{text!r}: the host is empty")
+        raise ValueError("the host is empty")
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
+        raise ValueError("the port must be a number from 0 to 65535")
     return host, int(port_text)
 
 
@@ -113,7 +120,10 @@ def parse_listen_address(text: str, base_dir: Path) -> ListenAddress:
     """`tcp://HOST:PORT`, `tcp://[V6]:PORT`, `unix:///abs` or `unix://relative`."""
     scheme, sep, rest = text.partition("://")
     if sep and scheme == "tcp":
-        host, port = parse_host_port(rest)
+        try:
+            host, port = _split_host_port(rest)
+        except ValueError as err:
+            raise ValueError(f"{text!r}: {err}") from None
         return ListenAddress("tcp", host=host, port=port)
     if sep and scheme == "unix":
         if not rest:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.conftest import ROOT, ExportSpec, require, run, start_server
+from tests.interop.conftest import ROOT, ExportSpec, free_port, require, run, start_server
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
 pytestmark = pytest.mark.interop
@@ -116,3 +117,54 @@ def test_second_server_cannot_open_a_served_image(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "locked" in result.stderr
     assert server.stop() == 0
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_several_listeners_including_ipv6(tmp_path: Path) -> None:
+    require("nbdinfo", "qemu-img")
+    if not _ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback")
+    image = tmp_path / "d.raw"
+    image.write_bytes(bytes(1 << 20))
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::1", 0))
+        port6 = probe.getsockname()[1]
+    port4 = free_port()
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[server]\nlisten = ["tcp://[::1]:{port6}", "tcp://127.0.0.1:{port4}", '
+        f'"unix://a.sock", "unix://b.sock"]\n'
+        '[[exports]]\nname = "d"\npath = "d.raw"\nformat = "raw"\n'
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nbdguard", "serve", "--config", str(config)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not (tmp_path / "b.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        uris = [
+            f"nbd://[::1]:{port6}/d",
+            f"nbd://127.0.0.1:{port4}/d",
+            f"nbd+unix:///d?socket={tmp_path / 'a.sock'}",
+            f"nbd+unix:///d?socket={tmp_path / 'b.sock'}",
+        ]
+        for uri in uris:
+            info = json.loads(run("qemu-img", "info", "-f", "raw", "--output=json", uri).stdout)
+            assert info["virtual-size"] == 1 << 20, uri
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=20)
+    assert process.returncode == 0
+    assert not (tmp_path / "a.sock").exists()  # sockets are removed on exit
