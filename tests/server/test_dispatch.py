@@ -1,0 +1,206 @@
+"""Requests framed from raw bytes, served against a real raw image, replies decoded
+from the bytes the dispatcher hands to the transport: no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from nbdguard.config import ExportConfig
+from nbdguard.observability.metrics import Metrics
+from nbdguard.protocol.constants import (
+    BASE_ALLOCATION_ID,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ChunkType,
+    Command,
+    CommandFlag,
+    NBDError,
+)
+from nbdguard.protocol.transmission import RequestParser
+from nbdguard.protocol.validate import SessionLimits
+from nbdguard.server.dispatch import Dispatcher
+from nbdguard.server.exports import open_export
+from tests.guard.samples import QEMU_HEADERS
+from tests.protocol.nbdwire import request
+
+SIZE = 4 << 20
+
+
+class Wire:
+    """Collects what the dispatcher sends and decodes it as a client would."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def send(self, pieces: Any) -> None:
+        for piece in pieces:
+            self.data += piece
+
+    def simple(self, payload: int = 0) -> tuple[int, int, bytes]:
+        magic, error, cookie = struct.unpack_from(">IIQ", self.data)
+        assert magic == SIMPLE_REPLY_MAGIC
+        body = bytes(self.data[16 : 16 + payload])
+        del self.data[: 16 + payload]
+        return error, cookie, body
+
+    def chunks(self) -> list[tuple[int, int, int, bytes]]:
+        """(flags, type, cookie, body) for every structured chunk."""
+        out = []
+        while self.data:
+            magic, flags, kind, cookie, length = struct.unpack_from(">IHHQI", self.data)
+            assert magic == STRUCTURED_REPLY_MAGIC
+            out.append((flags, kind, cookie, bytes(self.data[20 : 20 + length])))
+            del self.data[: 20 + length]
+        return out
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "d.raw"
+    with open(path, "wb") as handle:
+        handle.truncate(SIZE)
+        handle.seek(1 << 20)
+        handle.write(b"\xab" * 65536)
+    return path
+
+
+def make(image: Path, *, structured: bool, read_only: bool = False) -> tuple[Any, Wire, Any]:
+    config = ExportConfig(name="d", path=image, format="raw", read_only=read_only)
+    export = open_export(config, Metrics().for_export("d"))
+    limits = SessionLimits(SIZE, read_only, structured, structured, 32 << 20)
+    wire = Wire()
+    contexts = (BASE_ALLOCATION_ID,) if structured else ()
+    dispatcher = Dispatcher(export, limits, contexts, wire.send, structlog.get_logger())
+    return dispatcher, wire, export
+
+
+def serve(dispatcher: Dispatcher, data: bytes) -> None:
+    for req in RequestParser(32 << 20).receive(data):
+        dispatcher.handle(req)
+
+
+def test_simple_read_reply_carries_the_data(image: Path) -> None:
+    dispatcher, wire, export = make(image, structured=False)
+    serve(dispatcher, request(Command.READ, (1 << 20) - 4, 8, cookie=77))
+    assert wire.simple(8) == (0, 77, bytes(4) + b"\xab" * 4)
+    export.close()
+
+
+def test_simple_write_then_read(image: Path) -> None:
+    dispatcher, wire, export = make(image, structured=False)
+    serve(dispatcher, request(Command.WRITE, 100, 5, cookie=1) + b"hello")
+    serve(dispatcher, request(Command.READ, 100, 5, cookie=2))
+    assert wire.simple() == (0, 1, b"")
+    assert wire.simple(5) == (0, 2, b"hello")
+    assert image.read_bytes()[100:105] == b"hello"
+    export.close()
+
+
+def test_structured_sparse_read_sends_holes(image: Path) -> None:
+    dispatcher, wire, export = make(image, structured=True)
+    serve(dispatcher, request(Command.READ, (1 << 20) - 65536, 3 * 65536, cookie=5))
+    chunks = wire.chunks()
+    kinds = [kind for _, kind, _, _ in chunks]
+    assert ChunkType.OFFSET_HOLE in kinds and ChunkType.OFFSET_DATA in kinds
+    assert [flags for flags, *_ in chunks][-1] == 1 and all(f == 0 for f, *_ in chunks[:-1])
+    covered = 0
+    for _, kind, cookie, body in chunks:
+        assert cookie == 5
+        if kind == ChunkType.OFFSET_HOLE:
+            covered += struct.unpack(">QI", body)[1]
+        else:
+            assert body[8:] == b"\xab" * (len(body) - 8)
+            covered += len(body) - 8
+    assert covered == 3 * 65536
+    export.close()
+
+
+def test_structured_read_with_df_is_one_chunk(image: Path) -> None:
+    dispatcher, wire, export = make(image, structured=True)
+    serve(dispatcher, request(Command.READ, (1 << 20) - 65536, 3 * 65536, flags=CommandFlag.DF))
+    [(flags, kind, _, body)] = wire.chunks()
+    assert (flags, kind, len(body)) == (1, ChunkType.OFFSET_DATA, 8 + 3 * 65536)
+    serve(dispatcher, request(Command.READ, 2 << 20, 1 << 20, flags=CommandFlag.DF))
+    [(flags, kind, _, body)] = wire.chunks()
+    assert (flags, kind, struct.unpack(">QI", body)) == (
+        1,
+        ChunkType.OFFSET_HOLE,
+        (2 << 20, 1 << 20),
+    )
+    export.close()
+
+
+def test_structured_errors_are_error_chunks(image: Path) -> None:
+    dispatcher, wire, export = make(image, structured=True)
+    serve(dispatcher, request(Command.READ, SIZE, 512, cookie=9))
+    [(flags, kind, cookie, body)] = wire.chunks()
+    assert (flags, kind, cookie) == (1, ChunkType.ERROR, 9)
+    assert struct.unpack_from(">I", body)[0] == NBDError.EINVAL
+    serve(dispatcher, request(Command.WRITE, SIZE, 4, cookie=10) + b"abcd")
+    assert wire.simple() == (NBDError.ENOSPC, 10, b"")
+    export.close()
+
+
+def test_block_status_reply(image: Path) -> None:
+    dispatcher, wire, export = make(image, structured=True)
+    serve(dispatcher, request(Command.BLOCK_STATUS, 0, SIZE, cookie=3))
+    [(flags, kind, cookie, body)] = wire.chunks()
+    assert (flags, kind, cookie) == (1, ChunkType.BLOCK_STATUS, 3)
+    context, *words = struct.unpack(f">I{(len(body) - 4) // 4}I", body)
+    extents = list(zip(words[::2], words[1::2], strict=True))
+    assert context == BASE_ALLOCATION_ID
+    assert extents[0] == (1 << 20, 3) and extents[1][1] == 0
+    assert sum(length for length, _ in extents) == SIZE
+    serve(dispatcher, request(Command.BLOCK_STATUS, 0, SIZE, flags=CommandFlag.REQ_ONE))
+    [(_, _, _, body)] = wire.chunks()
+    assert len(body) == 4 + 8
+    export.close()
+
+
+def test_read_only_and_unknown_commands(image: Path) -> None:
+    dispatcher, wire, export = make(image, structured=False, read_only=True)
+    serve(dispatcher, request(Command.WRITE, 0, 3, cookie=1) + b"xyz")
+    serve(dispatcher, request(Command.TRIM, 0, 512, cookie=2))
+    serve(dispatcher, request(Command.WRITE_ZEROES, 0, 512, cookie=3))
+    serve(dispatcher, request(42, 0, 0, cookie=4))
+    serve(dispatcher, request(Command.CACHE, 0, 4096, cookie=5))
+    assert [wire.simple()[:2] for _ in range(5)] == [
+        (NBDError.EPERM, 1),
+        (NBDError.EPERM, 2),
+        (NBDError.EPERM, 3),
+        (NBDError.EINVAL, 4),
+        (0, 5),
+    ]
+    export.close()
+
+
+def test_guarded_header_write_is_eperm_and_counted(image: Path) -> None:
+    dispatcher, wire, export = make(image, structured=False)
+    header = QEMU_HEADERS["qed"]
+    serve(dispatcher, request(Command.WRITE, 0, 512, cookie=8) + header)
+    assert wire.simple() == (NBDError.EPERM, 8, b"")
+    assert image.read_bytes()[:512] == bytes(512)
+    blocked = export.metrics.metrics.header_writes_blocked
+    assert blocked.labels(export="d", format="qed", command="write")._value.get() == 1
+    export.close()
+
+
+async def test_flush_and_fua_reply_after_the_sync(image: Path) -> None:
+    dispatcher, wire, export = make(image, structured=False)
+    serve(dispatcher, request(Command.FLUSH, cookie=1))
+    serve(dispatcher, request(Command.WRITE, 0, 2, flags=CommandFlag.FUA, cookie=2) + b"ok")
+    assert not wire.data  # both wait for fdatasync in a worker thread
+    await dispatcher.drain()
+    replies = sorted(wire.simple()[:2] for _ in range(2))
+    assert replies == [(0, 1), (0, 2)]
+    dispatcher.shutting_down = True
+    serve(dispatcher, request(Command.READ, 0, 512, cookie=3))
+    assert wire.simple() == (NBDError.ESHUTDOWN, 3, b"")
+    await asyncio.sleep(0)
+    export.close()
