@@ -184,3 +184,11 @@ def test_overrides(tmp_path: Path) -> None:
     assert with_overrides(config) == config
     with pytest.raises(ConfigError, match="--listen"):
         with_overrides(config, listen=["nbd://x"])
+
+
+def test_shipped_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[1] / "config" / "nbdguard.example.toml"
+    config = load_config(example)
+    assert [export.name for export in config.exports] == ["vm1", "install-media"]
+    assert config.exports[1].read_only
+    assert config.server.metrics_listen == ("127.0.0.1", 9109)

@@ -111,13 +111,13 @@ def test_nbd_client_list(server: RunningServer) -> None:
     assert {"vm1", "ro", "odd"} <= names, result.stdout + result.stderr
 
 
-def test_fio_randrw_verifies(server: RunningServer, tmp_path: Path) -> None:
+def test_fio_randrw_verifies(server: RunningServer, transport: str, tmp_path: Path) -> None:
     require("fio")
     job = tmp_path / "job.fio"
     job.write_text(
         "[global]\n"
         "ioengine=nbd\n"
-        f"uri={server.uri('vm1')}\n"
+        f"uri={server.uri('vm1', transport)}\n"
         "size=32M\n"
         "bs=4k\n"
         "iodepth=32\n"
@@ -135,10 +135,10 @@ def test_fio_randrw_verifies(server: RunningServer, tmp_path: Path) -> None:
     assert job_report["write"]["io_bytes"] > 0 and job_report["read"]["io_bytes"] > 0
 
 
-def test_nbdsh_script(server: RunningServer) -> None:
+def test_nbdsh_script(server: RunningServer, transport: str) -> None:
     require("nbdsh")
     script = (
         "h.pwrite(b'x' * 512, 0)\nassert h.pread(512, 0) == b'x' * 512\nprint('ok', h.get_size())\n"
     )
-    result = run("nbdsh", "-u", server.uri("vm1"), "-c", script)
+    result = run("nbdsh", "-u", server.uri("vm1", transport), "-c", script)
     assert re.search(r"ok 67108864", result.stdout)

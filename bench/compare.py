@@ -1,0 +1,318 @@
+"""Side-by-side NBD server benchmark: nbdguard vs qemu-nbd, nbdkit and nbd-server.
+
+Every server serves its own copy of the same image over a Unix socket; the same fio
+(ioengine=nbd) jobs run against each, interleaved A B C D, B C D A, … for several
+rounds, and the table reports medians and the ratio nbdguard / peer. Server CPU time
+per GiB moved (from /proc) and peak RSS are recorded too.
+
+    .venv/bin/python -m bench.compare                 # all jobs, 3 rounds
+    .venv/bin/python -m bench.compare --jobs randread-4k seqread-1m --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+JOBS: dict[str, dict[str, str]] = {
+    "seqread-1m": {"rw": "read", "bs": "1M", "iodepth": "8"},
+    "seqwrite-1m": {"rw": "write", "bs": "1M", "iodepth": "8"},
+    "randread-4k": {"rw": "randread", "bs": "4k", "iodepth": "32"},
+    "randwrite-4k": {"rw": "randwrite", "bs": "4k", "iodepth": "32"},
+    "randread-4k-4conn": {"rw": "randread", "bs": "4k", "iodepth": "32", "numjobs": "4"},
+    "mixed-64k-70-30": {"rw": "randrw", "rwmixread": "70", "bs": "64k", "iodepth": "16"},
+}
+
+
+@dataclass
+class Server:
+    name: str
+    export: str
+    socket: Path
+    command: list[str]
+    pid_file: Path | None = None  # for servers that daemonize (nbd-server)
+    process: subprocess.Popen[bytes] | None = None
+    pid: int = 0
+    results: dict[str, list[float]] = field(default_factory=dict)
+    cpu_per_gib: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///{self.export}?socket={self.socket}"
+
+    def start(self, log: Path) -> None:
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not self._accepting():
+            exited = self.process.poll() is not None and self.pid_file is None
+            if exited or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not start:\n{log.read_text()}")
+            time.sleep(0.05)
+        while self.pid_file is not None and not self.pid_file.exists():
+            time.sleep(0.05)
+        self.pid = int(self.pid_file.read_text()) if self.pid_file else self.process.pid
+
+    def _accepting(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
+
+    def cpu_seconds(self) -> float:
+        """User + system time of the server and of its exited children (forking servers)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(value) for value in fields[11:15]) / CLK_TCK
+
+    def memory_mib(self, field_name: str) -> float:
+        """A /proc status field: VmHWM is peak RSS (mapped image pages count in it),
+        RssAnon the process's own memory."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        if self.pid_file is not None and self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def make_image(path: Path, size: int) -> None:
+    """A fully allocated image of incompressible data (reads must hit real pages)."""
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as handle:
+        for _ in range(size >> 20):
+            handle.write(chunk)
+
+
+def nbdguard_server(work: Path, image: Path, name: str, extra: str = "") -> Server:
+    sock = work / f"{name}.sock"
+    config = work / f"{name}.toml"
+    config.write_text(
+        f'[server]\nlisten = ["unix://{sock}"]\nlog_level = "warning"\n'
+        f'[[exports]]\nname = "disk"\npath = "{image}"\nformat = "raw"\n{extra}'
+    )
+    command = [sys.executable, "-m", "nbdguard", "serve", "--config", str(config)]
+    return Server(name, "disk", sock, command)
+
+
+def peer_servers(work: Path, images: dict[str, Path]) -> list[Server]:
+    servers = []
+    if shutil.which("qemu-nbd"):
+        sock = work / "qemu-nbd.sock"
+        servers.append(
+            Server(
+                "qemu-nbd",
+                "disk",
+                sock,
+                [
+                    "qemu-nbd",
+                    "-f",
+                    "raw",
+                    "-x",
+                    "disk",
+                    "-k",
+                    str(sock),
+                    "-e",
+                    "16",
+                    "-t",
+                    "--cache=writeback",
+                    "--aio=threads",
+                    str(images["qemu-nbd"]),
+                ],
+            )
+        )
+    if shutil.which("nbdkit"):
+        sock = work / "nbdkit.sock"
+        servers.append(
+            Server(
+                "nbdkit",
+                "disk",
+                sock,
+                [
+                    "nbdkit",
+                    "-f",
+                    "-U",
+                    str(sock),
+                    "-e",
+                    "disk",
+                    "file",
+                    f"file={images['nbdkit']}",
+                ],
+            )
+        )
+    if shutil.which("nbd-server"):
+        sock = work / "nbd-server.sock"
+        config = work / "nbd-server.conf"
+        config.write_text(
+            f"[generic]\nunixsock = {sock}\nmax_threads = 16\n"
+            f"[disk]\nexportname = {images['nbd-server']}\nflush = true\nfua = true\n"
+        )
+        pid_file = work / "nbd-server.pid"
+        command = ["nbd-server", "-C", str(config), "-p", str(pid_file)]
+        servers.append(Server("nbd-server", "disk", sock, command, pid_file=pid_file))
+    return servers
+
+
+def run_fio(server: Server, job: str, size: str, runtime: int) -> tuple[float, int]:
+    """Throughput in MiB/s and bytes moved."""
+    params = {
+        "ioengine": "nbd",
+        "uri": server.uri,
+        "size": size,
+        "time_based": "1",
+        "runtime": str(runtime),
+        "group_reporting": "1",
+        "direct": "0",
+        **JOBS[job],
+    }
+    args = ["fio", "--output-format=json", f"--name={job}"]
+    args += [f"--{key}={value}" for key, value in params.items()]
+    result = subprocess.run(
+        args, check=False, capture_output=True, text=True, timeout=runtime + 120
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"fio against {server.name} failed:\n{result.stdout}{result.stderr}")
+    report = json.loads(result.stdout[result.stdout.index("{") :])["jobs"][0]
+    moved = report["read"]["io_bytes"] + report["write"]["io_bytes"]
+    return moved / runtime / (1 << 20), moved
+
+
+def nbdcopy_seconds(server: Server, work: Path) -> float:
+    target = work / "copy.out"
+    start = time.monotonic()
+    subprocess.run(["nbdcopy", server.uri, str(target)], check=True, timeout=600)
+    elapsed = time.monotonic() - start
+    target.unlink()
+    return elapsed
+
+
+@contextlib.contextmanager
+def running(servers: list[Server], work: Path) -> Iterator[None]:
+    try:
+        for server in servers:
+            server.start(work / f"{server.name}.log")
+        yield
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", nargs="*", default=list(JOBS), choices=list(JOBS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--guard", action="store_true", help="also nbdguard with the guard off")
+    parser.add_argument("--no-copy", action="store_true", help="skip the nbdcopy timing")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="nbdguard-bench-") as tmp:
+        work = Path(tmp)
+        names = ["nbdguard", "qemu-nbd", "nbdkit", "nbd-server"]
+        if args.guard:
+            names.append("nbdguard-noguard")
+        images = {name: work / f"{name}.raw" for name in names}
+        source = work / "source.raw"
+        make_image(source, args.size_mib << 20)
+        for name in names:  # every server gets a copy made the same way, then all settle
+            shutil.copyfile(source, images[name])
+        source.unlink()
+        os.sync()
+        servers = [nbdguard_server(work, images["nbdguard"], "nbdguard")]
+        if args.guard:
+            servers.append(
+                nbdguard_server(
+                    work, images["nbdguard-noguard"], "nbdguard-noguard", 'header_guard = "off"\n'
+                )
+            )
+        servers += peer_servers(work, images)
+        size = f"{args.size_mib}M"
+        copies: dict[str, list[float]] = {}
+        with running(servers, work):
+            for round_number in range(args.rounds):
+                # rotate who goes first each round so no server always follows the same one
+                shift = round_number % len(servers)
+                order = servers[shift:] + servers[:shift]
+                for job in args.jobs:
+                    for server in order:
+                        before = server.cpu_seconds()
+                        mib_s, moved = run_fio(server, job, size, args.runtime)
+                        cpu = server.cpu_seconds() - before
+                        server.results.setdefault(job, []).append(mib_s)
+                        server.cpu_per_gib.setdefault(job, []).append(cpu / (moved / (1 << 30)))
+                if not args.no_copy and shutil.which("nbdcopy"):
+                    for server in order:
+                        copies.setdefault(server.name, []).append(nbdcopy_seconds(server, work))
+            rss = {
+                server.name: (server.memory_mib("VmHWM"), server.memory_mib("RssAnon"))
+                for server in servers
+            }
+        print(report(servers, args, copies, rss))
+    return 0
+
+
+def report(
+    servers: list[Server],
+    args: argparse.Namespace,
+    copies: dict[str, list[float]],
+    rss: dict[str, tuple[float, float]],
+) -> str:
+    ours = servers[0]
+    peers = servers[1:]
+    lines = [
+        f"rounds={args.rounds} runtime={args.runtime}s image={args.size_mib} MiB; "
+        "medians in MiB/s (CPU s/GiB of the server); ratio = nbdguard / peer",
+        "",
+        "| job | "
+        + " | ".join(s.name for s in servers)
+        + " | "
+        + " | ".join(f"÷ {p.name}" for p in peers)
+        + " |",
+        "|---" * (len(servers) + len(peers) + 1) + "|",
+    ]
+    for job in args.jobs:
+        medians = {s.name: statistics.median(s.results[job]) for s in servers}
+        cpu = {s.name: statistics.median(s.cpu_per_gib[job]) for s in servers}
+        cells = [f"{medians[s.name]:.0f} ({cpu[s.name]:.2f})" for s in servers]
+        ratios = [f"{medians[ours.name] / medians[p.name]:.2f}" for p in peers]
+        lines.append(f"| {job} | " + " | ".join(cells + ratios) + " |")
+    if copies:
+        cells = [f"{statistics.median(copies[s.name]):.2f}s" for s in servers]
+        ratios = [
+            f"{statistics.median(copies[p.name]) / statistics.median(copies[ours.name]):.2f}"
+            for p in peers
+        ]
+        lines.append("| nbdcopy whole disk (time) | " + " | ".join(cells + ratios) + " |")
+    memory = [f"{rss[s.name][0]:.0f} / {rss[s.name][1]:.0f}" for s in servers]
+    lines.append("| peak RSS / anon RSS MiB | " + " | ".join(memory) + " |" + " |" * len(peers))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
