@@ -11,10 +11,13 @@ import contextlib
 import errno
 import mmap
 import os
+from collections.abc import Callable
 
 from nbdguard.storage import fileops
 from nbdguard.storage.device import BlockDevice, Buffer, Capabilities, Extent
 from nbdguard.storage.pinned import OpenedFile
+
+ZeroingCall = Callable[[int, int, int], None]  # (fd, offset, length)
 
 
 class RawImage(BlockDevice):
@@ -26,8 +29,7 @@ class RawImage(BlockDevice):
             mmap.mmap(file.fd, file.size, mmap.MAP_SHARED, mmap.PROT_READ) if file.size else None
         )
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
-        self._can_punch = True
-        self._can_zero_range = True
+        self._unsupported: set[ZeroingCall] = set()
         self.capabilities = Capabilities(
             read_only=file.read_only, multi_conn=True, fast_zero=True, sparse_reads=True
         )
@@ -43,16 +45,17 @@ class RawImage(BlockDevice):
             offset += written
 
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
-        if may_trim and self._try_punch(offset, length):
+        if may_trim and self._try_fallocate(fileops.punch_hole, offset, length):
             return
-        if self._try_zero_range(offset, length):
+        if self._try_fallocate(fileops.zero_range, offset, length):
             return
         if fast:
             raise OSError(errno.ENOTSUP, "zeroing this range would not be fast")
         fileops.write_zero_bytes(self._fd, offset, length)
 
     def trim(self, offset: int, length: int) -> None:
-        self._try_punch(offset, length)  # advisory: nothing to do where holes are unsupported
+        # Advisory: where holes are unsupported there is nothing to do.
+        self._try_fallocate(fileops.punch_hole, offset, length)
 
     def flush(self) -> None:
         os.fdatasync(self._fd)
@@ -72,26 +75,15 @@ class RawImage(BlockDevice):
                 self._map.close()
         self.file.close()
 
-    def _try_punch(self, offset: int, length: int) -> bool:
-        if not self._can_punch:
+    def _try_fallocate(self, operation: ZeroingCall, offset: int, length: int) -> bool:
+        """Run one fallocate mode; where the file system lacks it, remember and say False."""
+        if operation in self._unsupported:
             return False
         try:
-            fileops.punch_hole(self._fd, offset, length)
+            operation(self._fd, offset, length)
         except OSError as err:
             if err.errno not in fileops.UNSUPPORTED:
                 raise
-            self._can_punch = False
-            return False
-        return True
-
-    def _try_zero_range(self, offset: int, length: int) -> bool:
-        if not self._can_zero_range:
-            return False
-        try:
-            fileops.zero_range(self._fd, offset, length)
-        except OSError as err:
-            if err.errno not in fileops.UNSUPPORTED:
-                raise
-            self._can_zero_range = False
+            self._unsupported.add(operation)
             return False
         return True

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nbdguard.errors import ExportOpenError
+from nbdguard.storage import fileops
 from nbdguard.storage.device import DATA, HOLE_ZERO
 from nbdguard.storage.pinned import open_pinned
 from nbdguard.storage.raw import RawImage
@@ -132,8 +133,7 @@ def test_qemu_io_cannot_write_while_we_serve(tmp_path: Path) -> None:
 
 def test_fast_zero_without_fallocate_support_is_enotsup(tmp_path: Path) -> None:
     image = open_raw(make_image(tmp_path / "f.raw", 1 << 20))
-    image._can_punch = False
-    image._can_zero_range = False
+    image._unsupported = {fileops.punch_hole, fileops.zero_range}  # as on a file system without
     with pytest.raises(OSError) as caught:
         image.write_zeroes(0, 4096, may_trim=True, fast=True)
     assert caught.value.errno == errno.ENOTSUP
