@@ -104,9 +104,13 @@ def test_unaligned_export_tail(server: RunningServer) -> None:
     assert server.images["odd"].read_bytes()[995:] == b"tail!"
 
 
-def test_nbd_client_list(server: RunningServer) -> None:
+def test_nbd_client_list(server: RunningServer, transport: str) -> None:
     require("nbd-client")
-    result = run("nbd-client", "-l", "127.0.0.1", str(server.port), check=False)
+    if transport == "unix":
+        command = ["nbd-client", "-l", "-u", str(server.socket_path)]
+    else:
+        command = ["nbd-client", "-l", "127.0.0.1", str(server.port)]
+    result = run(*command, check=False)
     names = set(result.stdout.split())
     assert {"vm1", "ro", "odd"} <= names, result.stdout + result.stderr
 
