@@ -24,7 +24,7 @@ EXISTING_HEADER_ACTIONS = ("warn", "refuse")
 DEFAULT_LISTEN = "tcp://127.0.0.1:10809"
 MAX_STRING_BYTES = 4096
 
-SERVER_KEYS = ("listen", "metrics_listen", "log_format", "log_level")
+SERVER_KEYS = ("listen", "metrics_listen", "log_format", "log_level", "request_metrics")
 EXPORT_KEYS = (
     "name",
     "path",
@@ -66,6 +66,7 @@ class ServerConfig:
     metrics_listen: tuple[str, int] | None = None
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    request_metrics: bool = True  # per-request counters and latency histograms
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +216,10 @@ def _parse_server(
             check.problem("metrics_listen", str(err))
     log_format = check.choice("log_format", LOG_FORMATS, "auto")
     log_level = check.choice("log_level", LOG_LEVELS, "info")
-    return ServerConfig(tuple(listen), metrics, cast(Any, log_format), cast(Any, log_level))
+    request_metrics = cast(bool, check.get("request_metrics", bool, True))
+    return ServerConfig(
+        tuple(listen), metrics, cast(Any, log_format), cast(Any, log_level), request_metrics
+    )
 
 
 def _parse_export(

@@ -64,8 +64,9 @@ class HandshakeDone:
 
 @dataclass(frozen=True, slots=True)
 class HandshakeClosed:
-    reason: str
+    reason: str  # human-readable
     clean: bool  # the client asked (ABORT); False = protocol violation
+    code: str = "protocol_violation"  # stable, for metrics: aborted, unknown_export, …
 
 
 HandshakeEvent = HandshakeDone | HandshakeClosed
@@ -153,7 +154,7 @@ class Handshake:
         (flags,) = wire.CLIENT_FLAGS.unpack_from(state.buffer)
         del state.buffer[:4]
         if flags & ~int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES):
-            return self._close(f"unknown client flags {flags:#x}", clean=False)
+            return self._close(f"unknown client flags {flags:#x}", "bad_client_flags")
         state.client_flags = flags
         return True
 
@@ -164,13 +165,13 @@ class Handshake:
         magic, option, length = wire.OPTION_HEADER.unpack_from(state.buffer)
         del state.buffer[: wire.OPTION_HEADER.size]
         if magic != IHAVEOPT:
-            return self._close(f"bad option magic {magic:#x}", clean=False)
+            return self._close(f"bad option magic {magic:#x}", "bad_option_magic")
         state.options_seen += 1
         if state.options_seen > self._limits.max_options:
-            return self._close("too many options", clean=False)
+            return self._close("too many options", "too_many_options")
         if length > self._limits.max_option_length:
             if option == Option.EXPORT_NAME:
-                return self._close("oversized NBD_OPT_EXPORT_NAME", clean=False)
+                return self._close("oversized NBD_OPT_EXPORT_NAME", "oversized_option")
             state.skipping = length
             state.pending = (option, 0)
             return True
@@ -190,8 +191,8 @@ class Handshake:
         self._reply(option, OptionReply.ERR_TOO_BIG, b"option payload too large")
         return True
 
-    def _close(self, reason: str, *, clean: bool) -> bool:
-        self._event = HandshakeClosed(reason, clean)
+    def _close(self, reason: str, code: str) -> bool:
+        self._event = HandshakeClosed(reason, code == "aborted", code)
         return False
 
     def _reply(self, option: int, reply: OptionReply, payload: bytes = b"") -> None:
@@ -213,7 +214,7 @@ class Handshake:
         name = _decode(payload)
         export = self._directory.find(name)
         if export is None:
-            self._close(f"unknown export {name!r} (NBD_OPT_EXPORT_NAME)", clean=False)
+            self._close(f"unknown export {name!r} (NBD_OPT_EXPORT_NAME)", "unknown_export")
             return
         flags = self._flags_for(export)
         self._out += wire.export_name_reply(export.size, flags, self.no_zeroes)
@@ -221,7 +222,7 @@ class Handshake:
 
     def _opt_abort(self, option: int, payload: bytes) -> None:
         self._reply(option, OptionReply.ACK)
-        self._close("client sent NBD_OPT_ABORT", clean=True)
+        self._close("client sent NBD_OPT_ABORT", "aborted")
 
     def _opt_list(self, option: int, payload: bytes) -> None:
         if payload:

@@ -11,8 +11,9 @@ from typing import Any
 from nbdguard.config import Config
 from nbdguard.errors import NbdguardError
 from nbdguard.guard.sector0 import Sector0Guard
+from nbdguard.observability.http import OperatorEndpoint
 from nbdguard.observability.logging import get_logger
-from nbdguard.observability.metrics import Metrics, start_metrics_endpoint
+from nbdguard.observability.metrics import Metrics
 from nbdguard.protocol.handshake import HandshakeLimits
 from nbdguard.server import listeners
 from nbdguard.server.connection import Connection
@@ -32,7 +33,9 @@ class Server:
         self._listeners: list[asyncio.Server] = []
         self._stop = asyncio.Event()
         self.metrics = Metrics()
-        self._metrics_server: Any = None
+        self.debug = config.server.log_level == "debug"
+        self._endpoint: OperatorEndpoint | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         """Open every export, then every listener; any failure undoes what was done."""
@@ -52,8 +55,17 @@ class Server:
         opened: list[Export] = []
         try:
             for export_config in self.config.exports:
-                export = open_export(export_config, self.metrics.for_export(export_config.name))
+                metrics = self.metrics.for_export(
+                    export_config.name, per_request=self.config.server.request_metrics
+                )
+                export = open_export(export_config, metrics)
                 opened.append(export)
+                metrics.opened(
+                    size=export.info.size,
+                    fmt=export_config.format,
+                    read_only=export_config.read_only,
+                    header_guard=export_config.header_guard,
+                )
                 self._report_existing_header(export)
                 self.log.info(
                     "export.opened",
@@ -90,11 +102,29 @@ class Server:
             return
         host, port = endpoint
         try:
-            self._metrics_server, _ = start_metrics_endpoint(self.metrics, host, port)
+            self._endpoint = OperatorEndpoint(host, port, self.metrics, self.health)
         except OSError as err:
             raise NbdguardError(f"cannot serve metrics on {host}:{port}: {err.strerror}") from err
-        bound = self._metrics_server.server_address[1]
-        self.log.info("metrics.listening", address=f"{host}:{bound}")
+        self.log.info("metrics.listening", address=f"{host}:{self._endpoint.port}")
+
+    def health(self) -> tuple[bool, str]:
+        """Healthy when every configured export is open and every listener accepts.
+
+        Called from the HTTP endpoint's thread: it only reads state.
+        """
+        if self._stopping:
+            return False, "stopping"
+        missing = [e.name for e in self.config.exports if self.registry.get(e.name) is None]
+        if missing:
+            return False, f"exports not open: {', '.join(repr(name) for name in missing)}"
+        idle = [
+            str(a)
+            for a, s in zip(self.config.server.listen, self._listeners, strict=False)
+            if not s.is_serving()
+        ]
+        if idle or len(self._listeners) < len(self.config.server.listen):
+            return False, "listeners not accepting: " + (", ".join(idle) or "starting")
+        return True, "ok"
 
     def _factory(self, listener: str) -> Any:
         return lambda: Connection(self, listener)
@@ -119,6 +149,7 @@ class Server:
         self._stop.set()
 
     async def shutdown(self) -> None:
+        self._stopping = True
         for server in self._listeners:
             server.close()
         connections = list(self.connections)
@@ -136,9 +167,11 @@ class Server:
             except OSError as err:
                 self.log.error("export.flush_failed", export=export.name, error=str(err))
         await self._close_listeners()
+        for export in self.registry.exports.values():
+            export.metrics.closed()
         self.registry.close_all()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+        if self._endpoint is not None:
+            self._endpoint.close()
         self.log.info("server.stopped")
 
     async def _close_listeners(self) -> None:

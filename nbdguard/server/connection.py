@@ -74,8 +74,11 @@ class Connection(asyncio.BufferedProtocol):
         if self._deadline is not None:
             self._deadline.cancel()
         self.server.connections.discard(self)
+        if self.handshake is not None:
+            self._handshake_failed("disconnected", "client closed during the handshake", clean=True)
         if self.dispatcher is not None:
             self.dispatcher.shutting_down = True
+            self.dispatcher.metrics.connection_closed()
         self.log.info(
             "connection.closed", export=self.export_name, error=repr(exc) if exc else None
         )
@@ -99,8 +102,7 @@ class Connection(asyncio.BufferedProtocol):
         if pending:
             self.transport.write(pending)
         if isinstance(event, HandshakeClosed):
-            log = self.log.info if event.clean else self.log.warning
-            log("handshake.closed", reason=event.reason)
+            self._handshake_failed(event.code, event.reason, clean=event.clean)
             self.transport.close()
         elif isinstance(event, HandshakeDone):
             self._enter_transmission(event)
@@ -120,7 +122,10 @@ class Connection(asyncio.BufferedProtocol):
             len(done.meta_contexts),
             done.export.max_payload,
         )
-        self.dispatcher = Dispatcher(export, limits, done.meta_contexts, self._send, self.log)
+        self.dispatcher = Dispatcher(
+            export, limits, done.meta_contexts, self._send, self.log, debug=self.server.debug
+        )
+        export.metrics.connection_opened()
         self.parser = RequestParser(done.export.max_payload)
         self.handshake = None
         self.log.info(
@@ -131,8 +136,16 @@ class Connection(asyncio.BufferedProtocol):
 
     def _handshake_expired(self) -> None:
         if self.handshake is not None and self.transport is not None:
-            self.log.warning("handshake.timeout", seconds=self.server.handshake_timeout)
+            reason = f"no export chosen within {self.server.handshake_timeout} s"
+            self._handshake_failed("timeout", reason, clean=False)
             self.transport.abort()
+
+    def _handshake_failed(self, code: str, reason: str, *, clean: bool) -> None:
+        """Count and log a connection that ended before transmission (once)."""
+        self.handshake = None
+        self.server.metrics.handshake_failed(code)
+        log = self.log.info if clean else self.log.warning
+        log("handshake.failed", reason_code=code, reason=reason)
 
     # -- transmission ----------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from nbdguard.errors import nbd_error_for
 from nbdguard.guard.sector0 import HeaderWriteBlocked
+from nbdguard.observability.metrics import COMMAND_LABELS
 from nbdguard.protocol import wire
 from nbdguard.protocol.constants import AllocationFlag, Command, CommandFlag, NBDError
 from nbdguard.protocol.transmission import Request
@@ -38,6 +39,8 @@ class Dispatcher:
         contexts: tuple[int, ...],
         send: Send,
         log: Any,
+        *,
+        debug: bool = False,
     ) -> None:
         self.export = export
         self.device = export.device
@@ -46,25 +49,44 @@ class Dispatcher:
         self.contexts = contexts
         self.send = send
         self.log = log
+        self.debug = debug  # one log event per request: only when asked for
+        self.metrics = export.metrics
         self.tasks: set[asyncio.Task[None]] = set()
         self.shutting_down = False
 
     def handle(self, request: Request) -> None:
-        """Serve one request; replies are sent inline or by a task."""
+        """Serve one request; replies are sent inline, or later by a task (flushes)."""
+        started = self.metrics.request_started()
         error = NBDError.ESHUTDOWN if self.shutting_down else validate(request, self.limits)
         if error:
             self.reply_error(request, error)
+            self.finished(request, error, started)
             return
         try:
-            _HANDLERS[request.command](self, request)
+            pending = _HANDLERS[request.command](self, request, started)
         except Exception as exc:
-            self.fail(request, exc)
+            self.finished(request, self.fail(request, exc), started)
+            return
+        if not pending:
+            self.finished(request, NBDError.OK, started)
 
-    def fail(self, request: Request, exc: BaseException) -> None:
+    def finished(self, request: Request, error: int, started: float) -> None:
+        self.metrics.request_finished(request.command, request.length, error, started)
+        if self.debug:
+            self.log.debug(
+                "request.done",
+                command=COMMAND_LABELS.get(request.command, "other"),  # type: ignore[call-overload]
+                offset=request.offset,
+                length=request.length,
+                error=error,
+            )
+
+    def fail(self, request: Request, exc: BaseException) -> NBDError:
+        """Answer a request whose handler raised; returns the error sent."""
         if isinstance(exc, HeaderWriteBlocked):
             self._audit_blocked(request, exc)
             self.reply_error(request, NBDError.EPERM)
-            return
+            return NBDError.EPERM
         error = nbd_error_for(exc)
         self.log.warning(
             "request.failed",
@@ -75,6 +97,7 @@ class Dispatcher:
             cause=repr(exc),
         )
         self.reply_error(request, error)
+        return error
 
     def _audit_blocked(self, request: Request, blocked: HeaderWriteBlocked) -> None:
         command = Command(request.command).name.lower()
@@ -99,7 +122,7 @@ class Dispatcher:
 
     # -- commands ---------------------------------------------------------------
 
-    def read(self, request: Request) -> None:
+    def read(self, request: Request, started: float) -> bool:
         cookie, offset, length = request.cookie, request.offset, request.length
         if not self.structured:
             self.send([wire.simple_reply(cookie, 0), self.device.pread(offset, length)])
@@ -110,6 +133,7 @@ class Dispatcher:
             self.send([header, self.device.pread(offset, length)])
         else:
             self.send([wire.none_chunk(cookie)])
+        return False
 
     def _read_sparse(self, request: Request) -> None:
         """Structured read that sends holes as OFFSET_HOLE chunks (one chunk when DF)."""
@@ -145,17 +169,17 @@ class Dispatcher:
         pieces.append(self.device.pread(pos, end - pos))
         return pieces
 
-    def write(self, request: Request) -> None:
+    def write(self, request: Request, started: float) -> bool:
         if request.payload is not None:
             self.device.pwrite(request.payload, request.offset)
-        self._finish_write(request)
+        return self._finish_write(request, started)
 
-    def trim(self, request: Request) -> None:
+    def trim(self, request: Request, started: float) -> bool:
         if request.length:
             self.device.trim(request.offset, request.length)
-        self._finish_write(request)
+        return self._finish_write(request, started)
 
-    def write_zeroes(self, request: Request) -> None:
+    def write_zeroes(self, request: Request, started: float) -> bool:
         if request.length:
             flags = request.flags
             self.device.write_zeroes(
@@ -164,31 +188,34 @@ class Dispatcher:
                 may_trim=not flags & CommandFlag.NO_HOLE,
                 fast=bool(flags & CommandFlag.FAST_ZERO),
             )
-        self._finish_write(request)
+        return self._finish_write(request, started)
 
-    def _finish_write(self, request: Request) -> None:
+    def _finish_write(self, request: Request, started: float) -> bool:
         if request.flags & CommandFlag.FUA:
-            self.spawn(self._flush_then_reply(request))
-        else:
-            self.reply_ok(request)
+            return self.flush(request, started)
+        self.reply_ok(request)
+        return False
 
-    def flush(self, request: Request) -> None:
-        self.spawn(self._flush_then_reply(request))
+    def flush(self, request: Request, started: float) -> bool:
+        self.spawn(self._flush_then_reply(request, started))
+        return True
 
-    async def _flush_then_reply(self, request: Request) -> None:
+    async def _flush_then_reply(self, request: Request, started: float) -> None:
         try:
             await asyncio.to_thread(self.device.flush)
         except Exception as exc:
-            self.fail(request, exc)
+            self.finished(request, self.fail(request, exc), started)
             return
         self.reply_ok(request)
+        self.finished(request, NBDError.OK, started)
 
-    def cache(self, request: Request) -> None:
+    def cache(self, request: Request, started: float) -> bool:
         if request.length:
             self.device.cache(request.offset, request.length)
         self.reply_ok(request)
+        return False
 
-    def block_status(self, request: Request) -> None:
+    def block_status(self, request: Request, started: float) -> bool:
         one = bool(request.flags & CommandFlag.REQ_ONE)
         extents = self.device.block_status(
             request.offset, request.length, 1 if one else STATUS_MAX_EXTENTS
@@ -200,6 +227,7 @@ class Dispatcher:
                 for index, context in enumerate(self.contexts)
             ]
         )
+        return False
 
     def spawn(self, work: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(work)
@@ -212,7 +240,7 @@ class Dispatcher:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-_HANDLERS: dict[int, Callable[[Dispatcher, Request], None]] = {
+_HANDLERS: dict[int, Callable[[Dispatcher, Request, float], bool]] = {
     Command.READ: Dispatcher.read,
     Command.WRITE: Dispatcher.write,
     Command.FLUSH: Dispatcher.flush,
