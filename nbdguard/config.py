@@ -205,8 +205,7 @@ def _parse_server(
             listen.append(parse_listen_address(text, base_dir))
         except ValueError as err:
             check.problem("listen", str(err))
-    if not listen and "listen" in table and not check.problems:
-        check.problem("listen", "must name at least one address")
+    # An empty list is allowed: with systemd socket activation the sockets are inherited.
     metrics: tuple[str, int] | None = None
     metrics_text = check.string("metrics_listen", "")
     if metrics_text:

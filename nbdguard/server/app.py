@@ -44,12 +44,24 @@ class Server:
             self._start_metrics()
             for address in self.config.server.listen:
                 server = await listeners.listen(address, self._factory(str(address)))
-                self._listeners.append(server)
-                self.log.info("server.listening", address=listeners.bound_addresses(server))
+                self._add_listener(server)
+            for sock in listeners.inherited_sockets():
+                server = await listeners.listen_on(sock, self._factory("systemd"))
+                self._add_listener(server, activated=True)
+            if not self._listeners:
+                raise NbdguardError(
+                    "nothing to listen on: [server] listen is empty and no sockets were passed "
+                    "by socket activation (LISTEN_FDS)"
+                )
         except BaseException:
             await self._close_listeners()
             self.registry.close_all()
             raise
+
+    def _add_listener(self, server: asyncio.Server, *, activated: bool = False) -> None:
+        self._listeners.append(server)
+        addresses = listeners.bound_addresses(server)
+        self.log.info("server.listening", address=addresses, socket_activated=activated)
 
     def _open_exports(self) -> list[Export]:
         opened: list[Export] = []
@@ -117,13 +129,16 @@ class Server:
         missing = [e.name for e in self.config.exports if self.registry.get(e.name) is None]
         if missing:
             return False, f"exports not open: {', '.join(repr(name) for name in missing)}"
+        if len(self._listeners) < len(self.config.server.listen) or not self._listeners:
+            return False, "listeners are not open yet"
         idle = [
-            str(a)
-            for a, s in zip(self.config.server.listen, self._listeners, strict=False)
-            if not s.is_serving()
+            addr
+            for server in self._listeners
+            if not server.is_serving()
+            for addr in listeners.bound_addresses(server)
         ]
-        if idle or len(self._listeners) < len(self.config.server.listen):
-            return False, "listeners not accepting: " + (", ".join(idle) or "starting")
+        if idle:
+            return False, f"listeners not accepting: {', '.join(idle)}"
         return True, "ok"
 
     def _factory(self, listener: str) -> Any:

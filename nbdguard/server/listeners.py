@@ -69,3 +69,33 @@ def remove_unix_socket(address: ListenAddress) -> None:
     if address.scheme == "unix":
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address.path)
+
+
+SD_LISTEN_FDS_START = 3
+
+
+def inherited_sockets(environ: dict[str, str] | None = None) -> list[socket.socket]:
+    """Listening sockets passed by systemd socket activation (LISTEN_FDS/LISTEN_PID).
+
+    The variables are removed once read, so that nothing we start inherits them.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(env.get("LISTEN_FDS", "0") or 0)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(name, None)
+    sockets = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        os.set_inheritable(fd, False)
+        sockets.append(socket.socket(fileno=fd))
+    return sockets
+
+
+async def listen_on(sock: socket.socket, factory: ProtocolFactory) -> asyncio.Server:
+    """Serve on an already bound and listening socket (socket activation)."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    if sock.family == socket.AF_UNIX:
+        return await loop.create_unix_server(factory, sock=sock)
+    return await loop.create_server(factory, sock=sock)
