@@ -110,11 +110,13 @@ def make_image(path: Path, size: int) -> None:
             handle.write(chunk)
 
 
-def nbdguard_server(work: Path, image: Path, name: str, extra: str = "") -> Server:
+def nbdguard_server(
+    work: Path, image: Path, name: str, extra: str = "", server_extra: str = ""
+) -> Server:
     sock = work / f"{name}.sock"
     config = work / f"{name}.toml"
     config.write_text(
-        f'[server]\nlisten = ["unix://{sock}"]\nlog_level = "warning"\n'
+        f'[server]\nlisten = ["unix://{sock}"]\nlog_level = "warning"\n{server_extra}'
         f'[[exports]]\nname = "disk"\npath = "{image}"\nformat = "raw"\n{extra}'
     )
     command = [sys.executable, "-m", "nbdguard", "serve", "--config", str(config)]
@@ -230,13 +232,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--guard", action="store_true", help="also nbdguard with the guard off")
+    parser.add_argument(
+        "--metrics", action="store_true", help="also nbdguard without per-request metrics"
+    )
     parser.add_argument("--no-copy", action="store_true", help="skip the nbdcopy timing")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="nbdguard-bench-") as tmp:
         work = Path(tmp)
-        names = ["nbdguard", "qemu-nbd", "nbdkit", "nbd-server"]
+        # nbdguard variants: (name, export keys, server keys)
+        variants = [("nbdguard", "", "")]
         if args.guard:
-            names.append("nbdguard-noguard")
+            variants.append(("nbdguard-noguard", 'header_guard = "off"\n', ""))
+        if args.metrics:
+            variants.append(("nbdguard-nometrics", "", "request_metrics = false\n"))
+        names = [name for name, _, _ in variants] + ["qemu-nbd", "nbdkit", "nbd-server"]
         images = {name: work / f"{name}.raw" for name in names}
         source = work / "source.raw"
         make_image(source, args.size_mib << 20)
@@ -244,13 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copyfile(source, images[name])
         source.unlink()
         os.sync()
-        servers = [nbdguard_server(work, images["nbdguard"], "nbdguard")]
-        if args.guard:
-            servers.append(
-                nbdguard_server(
-                    work, images["nbdguard-noguard"], "nbdguard-noguard", 'header_guard = "off"\n'
-                )
-            )
+        servers = [
+            nbdguard_server(work, images[name], name, extra, server_extra)
+            for name, extra, server_extra in variants
+        ]
         servers += peer_servers(work, images)
         size = f"{args.size_mib}M"
         copies: dict[str, list[float]] = {}
