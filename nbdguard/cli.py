@@ -39,7 +39,7 @@ def state_dir() -> Path:
 
 def scratch_config() -> Config:
     """A first-run config: one sparse 1 GiB raw export named "scratch"."""
-    directory = state_dir()
+    directory = state_dir().resolve()
     directory.mkdir(parents=True, exist_ok=True)
     image = directory / "scratch.raw"
     if not image.exists():

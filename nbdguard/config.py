@@ -1,57 +1,65 @@
 """The config file: TOML turned into frozen dataclasses, validated whole and once.
 
-Every problem in a file is collected and reported together, each naming the file,
-the export and the key, so an operator fixes a config in one pass.
+Every problem in a file is collected and reported together, each naming the file, the export
+and the key, so an operator fixes a config in one pass instead of one error per restart.
+Formats are never guessed: `format` is required and there is no "auto".
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
+import json
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Literal, TypeVar
 
 from nbdguard.guard.signatures import KNOWN_FORMATS
 
-FORMATS = ("raw", "qcow2")
-LOG_FORMATS = ("json", "console", "auto")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-GUARD_RULE_SETS = ("qemu", "strict", "off")
-EXISTING_HEADER_ACTIONS = ("warn", "refuse")
-DEFAULT_LISTEN = "tcp://127.0.0.1:10809"
-MAX_STRING_BYTES = 4096
+Format = Literal["raw", "qcow2"]
+LogFormat = Literal["json", "console", "auto"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+HeaderGuard = Literal["qemu", "strict", "off"]
+ExistingHeaderAction = Literal["warn", "refuse"]
 
-SERVER_KEYS = ("listen", "metrics_listen", "log_format", "log_level", "request_metrics")
-EXPORT_KEYS = (
-    "name",
-    "path",
-    "format",
-    "read_only",
-    "description",
-    "header_guard",
-    "allow_headers",
-    "on_existing_header",
-)
+FORMATS: tuple[Format, ...] = ("raw", "qcow2")
+LOG_FORMATS: tuple[LogFormat, ...] = ("json", "console", "auto")
+LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
+GUARD_RULE_SETS: tuple[HeaderGuard, ...] = ("qemu", "strict", "off")
+EXISTING_HEADER_ACTIONS: tuple[ExistingHeaderAction, ...] = ("warn", "refuse")
+DEFAULT_LISTEN = "tcp://127.0.0.1:10809"
+MAX_STRING_BYTES = 4096  # NBD's limit for export names and descriptions
+
 TOP_KEYS = ("server", "exports")
+SERVER_KEYS = ("listen", "metrics_listen", "log_format", "log_level", "request_metrics")
+GUARD_KEYS = ("header_guard", "allow_headers", "on_existing_header")
+EXPORT_KEYS = ("name", "path", "format", "read_only", "description", *GUARD_KEYS)
+
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+_LABEL_CHARS = 40  # how much of an export name to repeat in every message about it
+
+_S = TypeVar("_S", bound=str)
+_T = TypeVar("_T")
 
 
 class ConfigError(Exception):
     """One or more problems in a config; `problems` lists each with its location."""
 
-    def __init__(self, problems: Sequence[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = tuple(problems)
+    def __init__(self, problems: str | Sequence[str]) -> None:
+        self.problems: tuple[str, ...] = (
+            (problems,) if isinstance(problems, str) else tuple(problems)
+        )
+        super().__init__("\n".join(self.problems))
 
 
 @dataclass(frozen=True, slots=True)
 class ListenAddress:
     scheme: Literal["tcp", "unix"]
-    host: str = ""
-    port: int = 0
-    path: str = ""
+    host: str = ""  # tcp: IP address (IPv6 without brackets) or host name
+    port: int = 0  # tcp: 0 asks for an ephemeral port
+    path: str = ""  # unix: absolute
 
     def __str__(self) -> str:
         if self.scheme == "unix":
@@ -62,41 +70,59 @@ class ListenAddress:
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    listen: tuple[ListenAddress, ...]
+    listen: tuple[ListenAddress, ...]  # empty with systemd socket activation
     metrics_listen: tuple[str, int] | None = None
-    log_format: Literal["json", "console", "auto"] = "auto"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: LogFormat = "auto"
+    log_level: LogLevel = "info"
     request_metrics: bool = True  # per-request counters and latency histograms
 
 
 @dataclass(frozen=True, slots=True)
 class ExportConfig:
     name: str
-    path: Path
-    format: Literal["raw", "qcow2"]
+    path: Path  # absolute
+    format: Format
     read_only: bool = False
     description: str = ""
-    header_guard: Literal["qemu", "strict", "off"] = "qemu"
+    header_guard: HeaderGuard = "qemu"
     allow_headers: frozenset[str] = frozenset()
-    on_existing_header: Literal["warn", "refuse"] = "warn"
+    on_existing_header: ExistingHeaderAction = "warn"
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     exports: tuple[ExportConfig, ...]
-    source: Path | None = None
+    source: Path | None = None  # the file it came from; None when built in code
 
     def export(self, name: str) -> ExportConfig | None:
         return next((export for export in self.exports if export.name == name), None)
 
 
+# Addresses
+
+
 def parse_host_port(text: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[V6]:PORT` into (host, port)."""
+    """`HOST:PORT` or `[V6]:PORT` into (host, port); IPv6 needs brackets to be unambiguous."""
     try:
         return _split_host_port(text)
     except ValueError as err:
-        raise ValueError(f"{text!r}: {err}") from None
+        raise ValueError(f"{_shown(text)}: {err}") from None
+
+
+def parse_listen_address(text: str, base_dir: Path) -> ListenAddress:
+    """`tcp://HOST:PORT`, `tcp://[V6]:PORT`, `unix:///abs` or `unix://relative` (to base_dir)."""
+    scheme, sep, rest = text.partition("://")
+    try:
+        if sep and scheme == "tcp":
+            host, port = _split_host_port(rest)
+            return ListenAddress("tcp", host=host, port=port)
+        if sep and scheme == "unix":
+            _check_path(rest, "the socket path")
+            return ListenAddress("unix", path=str(_absolute(base_dir, rest)))
+        raise ValueError("expected tcp://HOST:PORT, tcp://[IPV6]:PORT or unix://PATH")
+    except ValueError as err:
+        raise ValueError(f"{_shown(text)}: {err}") from None
 
 
 def _split_host_port(text: str) -> tuple[str, int]:
@@ -104,218 +130,303 @@ def _split_host_port(text: str) -> tuple[str, int]:
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
             raise ValueError("expected [IPV6]:PORT")
-        ipaddress.IPv6Address(host)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{_shown(host)} is not an IPv6 address") from None
         port_text = rest[1:]
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep or ":" in host:
             raise ValueError("expected HOST:PORT (IPv6 addresses in brackets)")
-    if not host:
-        raise ValueError("the host is empty")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        _check_host(host)
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         raise ValueError("the port must be a number from 0 to 65535")
     return host, int(port_text)
 
 
-def parse_listen_address(text: str, base_dir: Path) -> ListenAddress:
-    """`tcp://HOST:PORT`, `tcp://[V6]:PORT`, `unix:///abs` or `unix://relative`."""
-    scheme, sep, rest = text.partition("://")
-    if sep and scheme == "tcp":
-        try:
-            host, port = _split_host_port(rest)
-        except ValueError as err:
-            raise ValueError(f"{text!r}: {err}") from None
-        return ListenAddress("tcp", host=host, port=port)
-    if sep and scheme == "unix":
-        if not rest:
-            raise ValueError(f"{text!r}: the socket path is empty")
-        return ListenAddress("unix", path=str(base_dir / rest) if rest[0] != "/" else rest)
-    raise ValueError(f"{text!r}: expected tcp://HOST:PORT or unix://PATH")
+def _check_host(host: str) -> None:
+    if not host:
+        raise ValueError("the host is empty")
+    try:
+        ipaddress.IPv4Address(host)
+        return
+    except ValueError:
+        pass
+    # A name whose last label is numeric is a mistyped IPv4 address, not a host name.
+    if not _HOSTNAME.fullmatch(host) or host.rstrip(".").rsplit(".", 1)[-1].isdigit():
+        raise ValueError(f"{_shown(host)} is neither an IPv4 address nor a host name")
 
 
-@dataclass
-class _Checker:
-    """Typed reads from a TOML table that record problems instead of raising."""
-
-    where: str
-    table: Mapping[str, Any]
-    problems: list[str] = field(default_factory=list)
-
-    def problem(self, key: str, message: str) -> None:
-        self.problems.append(f"{self.where}: key {key!r}: {message}")
-
-    def unknown_keys(self, allowed: Sequence[str]) -> None:
-        for key in self.table:
-            if key not in allowed:
-                choices = ", ".join(allowed)
-                self.problems.append(f"{self.where}: unknown key {key!r} (allowed keys: {choices})")
-
-    def get(self, key: str, kind: type, default: Any, *, required: bool = False) -> Any:
-        if key not in self.table:
-            if required:
-                self.problem(key, "is required")
-            return default
-        value = self.table[key]
-        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-            self.problem(key, f"must be a {_TYPE_NAMES[kind]} (got {value!r})")
-            return default
-        return value
-
-    def string(
-        self, key: str, default: str = "", *, required: bool = False, max_bytes: int | None = None
-    ) -> str:
-        value = cast(str, self.get(key, str, default, required=required))
-        if max_bytes is not None and len(value.encode()) > max_bytes:
-            self.problem(key, f"is longer than {max_bytes} bytes")
-        return value
-
-    def choice(self, key: str, choices: Sequence[str], default: str | None) -> str:
-        value = self.get(key, str, default, required=default is None)
-        if value is None:
-            self.problems[-1] += f"; choose one of {_quoted(choices)}"
-            return choices[0]
-        if value not in choices:
-            self.problem(key, f"must be one of {_quoted(choices)} (got {value!r})")
-            return choices[0]
-        return cast(str, value)
-
-    def strings(self, key: str, default: Sequence[str]) -> list[str]:
-        value = self.get(key, list, list(default))
-        if any(not isinstance(item, str) for item in value):
-            self.problem(key, "must be a list of strings")
-            return list(default)
-        return cast(list[str], value)
+def _check_path(text: str, what: str) -> None:
+    if not text:
+        raise ValueError(f"{what} is empty")
+    if "\0" in text:
+        raise ValueError(f"{what} contains a NUL character")
 
 
-_TYPE_NAMES = {str: "string", bool: "boolean", int: "integer", list: "list", dict: "table"}
+def _absolute(base_dir: Path, text: str) -> Path:
+    """Anchor a relative path; ".." is kept, since collapsing it is wrong across symlinks."""
+    return Path.cwd() / base_dir / text
+
+
+# Typed reads that record problems
+
+
+def _shown(value: object) -> str:
+    """A value as the operator wrote it in TOML, for "(got ...)" in messages."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "a table"
+    return str(value)
 
 
 def _quoted(choices: Sequence[str]) -> str:
-    return ", ".join(f'"{choice}"' for choice in choices)
+    return ", ".join(_shown(choice) for choice in choices)
 
 
-def _parse_server(
-    table: Mapping[str, Any], source: str, base_dir: Path, problems: list[str]
-) -> ServerConfig:
-    check = _Checker(f"{source}: [server]", table, problems)
-    check.unknown_keys(SERVER_KEYS)
-    listen: list[ListenAddress] = []
-    for text in check.strings("listen", [DEFAULT_LISTEN]):
-        try:
-            listen.append(parse_listen_address(text, base_dir))
-        except ValueError as err:
-            check.problem("listen", str(err))
-    # An empty list is allowed: with systemd socket activation the sockets are inherited.
-    metrics: tuple[str, int] | None = None
-    metrics_text = check.string("metrics_listen", "")
-    if metrics_text:
-        try:
-            metrics = parse_host_port(metrics_text)
-        except ValueError as err:
-            check.problem("metrics_listen", str(err))
-    log_format = check.choice("log_format", LOG_FORMATS, "auto")
-    log_level = check.choice("log_level", LOG_LEVELS, "info")
-    request_metrics = cast(bool, check.get("request_metrics", bool, True))
+_TYPE_NAMES: dict[type, str] = {str: "a string", bool: "a boolean", int: "an integer"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    """One TOML table being read. Each read records a problem instead of raising and falls
+    back to a default, so one pass over the file finds everything that is wrong with it."""
+
+    where: str  # "config.toml: exports[1] ("vm1")"
+    data: Mapping[str, object]
+    problems: list[str]
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f'{self.where}: key "{key}": {message}')
+
+    def unknown_keys(self, allowed: Sequence[str]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                self.problems.append(
+                    f"{self.where}: unknown key {_shown(key)} (allowed keys: {_quoted(allowed)})"
+                )
+
+    def _typed(self, key: str, kind: type[_T], default: _T) -> _T:
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        # bool is a subclass of int: `true` must not pass for an integer, nor 1 for a boolean.
+        if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+            return value
+        self.problem(key, f"must be {_TYPE_NAMES[kind]} (got {_shown(value)})")
+        return default
+
+    def required(self, key: str, hint: str = "") -> bool:
+        if key in self.data:
+            return True
+        self.problem(key, f"is required{hint}")
+        return False
+
+    def boolean(self, key: str, default: bool) -> bool:
+        return self._typed(key, bool, default)
+
+    def string(self, key: str, default: str = "", *, max_bytes: int | None = None) -> str:
+        value = self._typed(key, str, default)
+        if max_bytes is not None and len(value.encode("utf-8", "surrogatepass")) > max_bytes:
+            self.problem(key, f"must be at most {max_bytes} bytes of UTF-8")
+        return value
+
+    def choice(self, key: str, choices: Sequence[_S], default: _S) -> _S:
+        value = self.data.get(key, default)
+        picked = next((choice for choice in choices if choice == value), None)
+        if picked is None:
+            self.problem(key, f"must be one of {_quoted(choices)} (got {_shown(value)})")
+            return default
+        return picked
+
+    def strings(self, key: str) -> tuple[str, ...] | None:
+        """A list of strings, or None when absent or wrong."""
+        if key not in self.data:
+            return None
+        value = self.data[key]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            self.problem(key, f"must be a list of strings (got {_shown(value)})")
+            return None
+        return tuple(value)
+
+    def table(self, key: str, where: str) -> _Table:
+        value = self.data.get(key, {})
+        if not isinstance(value, Mapping):
+            self.problem(key, f"must be a table (got {_shown(value)})")
+            value = {}
+        return _Table(where, value, self.problems)
+
+
+# The file
+
+
+def _parse_server(table: _Table, base_dir: Path) -> ServerConfig:
+    table.unknown_keys(SERVER_KEYS)
     return ServerConfig(
-        tuple(listen), metrics, cast(Any, log_format), cast(Any, log_level), request_metrics
+        listen=_listen_addresses(table, base_dir),
+        metrics_listen=_metrics_listen(table),
+        log_format=table.choice("log_format", LOG_FORMATS, "auto"),
+        log_level=table.choice("log_level", LOG_LEVELS, "info"),
+        request_metrics=table.boolean("request_metrics", True),
     )
 
 
-def _parse_export(
-    index: int, table: Mapping[str, Any], source: str, base_dir: Path, problems: list[str]
-) -> ExportConfig:
-    name = table.get("name")
-    label = f' ("{name}")' if isinstance(name, str) else ""
-    check = _Checker(f"{source}: exports[{index}]{label}", table, problems)
-    check.unknown_keys(EXPORT_KEYS)
-    name = check.string("name", required=True, max_bytes=MAX_STRING_BYTES)
-    path_text = check.string("path", required=True)
-    if "path" in table and isinstance(table["path"], str) and not path_text:
-        check.problem("path", "must not be empty")
-    fmt = check.choice("format", FORMATS, None)
-    guard = check.choice("header_guard", GUARD_RULE_SETS, "qemu")
-    if fmt == "qcow2" and "header_guard" in table:
-        check.problem("header_guard", "applies to raw exports only (qcow2 headers are pinned)")
-    allowed = check.strings("allow_headers", [])
-    for item in allowed:
-        if item not in KNOWN_FORMATS:
-            check.problem(
-                "allow_headers",
-                f"unknown format {item!r} (known: {', '.join(sorted(KNOWN_FORMATS))})",
-            )
+def _listen_addresses(table: _Table, base_dir: Path) -> tuple[ListenAddress, ...]:
+    texts = table.strings("listen")
+    if texts is None:
+        texts = (DEFAULT_LISTEN,)
+    addresses: list[ListenAddress] = []
+    for text in texts:
+        try:
+            address = parse_listen_address(text, base_dir)
+        except ValueError as err:
+            table.problem("listen", str(err))
+            continue
+        if address in addresses:
+            table.problem("listen", f"{address} is listed twice")
+        else:
+            addresses.append(address)
+    return tuple(addresses)
+
+
+def _metrics_listen(table: _Table) -> tuple[str, int] | None:
+    if "metrics_listen" not in table.data:
+        return None
+    try:
+        return parse_host_port(table.string("metrics_listen"))
+    except ValueError as err:
+        if isinstance(table.data["metrics_listen"], str):  # else string() already said why
+            table.problem("metrics_listen", f"{err} (omit the key for no metrics endpoint)")
+        return None
+
+
+def _export_label(data: Mapping[str, object]) -> str:
+    name = data.get("name")
+    if not isinstance(name, str):
+        return ""
+    short = name if len(name) <= _LABEL_CHARS else name[:_LABEL_CHARS] + "..."
+    return f" ({_shown(short)})"
+
+
+def _parse_export(table: _Table, base_dir: Path) -> ExportConfig:
+    table.unknown_keys(EXPORT_KEYS)
+    table.required("name")
+    table.required("path")
+    fmt: Format = "raw"
+    if table.required("format", f": one of {_quoted(FORMATS)}"):
+        fmt = table.choice("format", FORMATS, "raw")
+    if fmt == "qcow2":
+        for key in GUARD_KEYS:
+            if key in table.data:
+                table.problem(key, "applies to raw exports only (a qcow2 header is pinned anyway)")
     return ExportConfig(
-        name=name,
-        path=Path(os.path.normpath(base_dir / path_text)),
-        format=cast(Any, fmt),
-        read_only=cast(bool, check.get("read_only", bool, False)),
-        description=check.string("description", max_bytes=MAX_STRING_BYTES),
-        header_guard=cast(Any, guard),
-        allow_headers=frozenset(allowed),
-        on_existing_header=cast(
-            Any, check.choice("on_existing_header", EXISTING_HEADER_ACTIONS, "warn")
-        ),
+        name=table.string("name", max_bytes=MAX_STRING_BYTES),
+        path=_export_path(table, base_dir),
+        format=fmt,
+        read_only=table.boolean("read_only", False),
+        description=table.string("description", max_bytes=MAX_STRING_BYTES),
+        header_guard=table.choice("header_guard", GUARD_RULE_SETS, "qemu"),
+        allow_headers=_allow_headers(table),
+        on_existing_header=table.choice("on_existing_header", EXISTING_HEADER_ACTIONS, "warn"),
     )
 
 
-def parse_config(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Config:
+def _export_path(table: _Table, base_dir: Path) -> Path:
+    text = table.string("path")
+    if "path" in table.data and isinstance(table.data["path"], str):
+        try:
+            _check_path(text, "the path")
+        except ValueError as err:
+            table.problem("path", str(err))
+    return _absolute(base_dir, text)
+
+
+def _allow_headers(table: _Table) -> frozenset[str]:
+    names = table.strings("allow_headers") or ()
+    for name in names:
+        if name not in KNOWN_FORMATS:
+            known = _quoted(sorted(KNOWN_FORMATS))
+            table.problem("allow_headers", f"unknown format {_shown(name)} (known: {known})")
+    return frozenset(names)
+
+
+def _parse_exports(top: _Table, source: str, base_dir: Path) -> tuple[ExportConfig, ...]:
+    value = top.data.get("exports", [])
+    if not isinstance(value, list):
+        top.problem("exports", f"must be an array of tables ([[exports]]) (got {_shown(value)})")
+        return ()
+    if not value:
+        top.problems.append(f"{source}: no [[exports]]: configure at least one export")
+    exports: list[ExportConfig] = []
+    first_index: dict[str, int] = {}
+    for index, data in enumerate(value):
+        where = f"{source}: exports[{index}]"
+        if not isinstance(data, Mapping):
+            top.problems.append(f"{where}: must be a table ([[exports]]) (got {_shown(data)})")
+            continue
+        table = _Table(where + _export_label(data), data, top.problems)
+        exports.append(_parse_export(table, base_dir))
+        name = data.get("name")
+        if isinstance(name, str):
+            if name in first_index:
+                table.problem("name", f"duplicate export name (also exports[{first_index[name]}])")
+            first_index.setdefault(name, index)
+    return tuple(exports)
+
+
+def parse_config(data: Mapping[str, object], *, source: str, base_dir: Path) -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     problems: list[str] = []
-    top = _Checker(source, data, problems)
+    top = _Table(source, data, problems)
     top.unknown_keys(TOP_KEYS)
-    server_table = top.get("server", dict, {})
-    server = _parse_server(server_table, source, base_dir, problems)
-    export_tables = top.get("exports", list, [])
-    exports = _parse_exports(export_tables, source, base_dir, problems)
+    server = _parse_server(top.table("server", f"{source}: [server]"), base_dir)
+    exports = _parse_exports(top, source, base_dir)
     if problems:
         raise ConfigError(problems)
-    return Config(server, tuple(exports), None)
-
-
-def _parse_exports(
-    tables: list[Any], source: str, base_dir: Path, problems: list[str]
-) -> list[ExportConfig]:
-    if not tables:
-        problems.append(f"{source}: no [[exports]]: configure at least one export")
-    exports: list[ExportConfig] = []
-    seen: set[str] = set()
-    for index, table in enumerate(tables):
-        if not isinstance(table, dict):
-            problems.append(f"{source}: exports[{index}]: must be a table ([[exports]])")
-            continue
-        export = _parse_export(index, table, source, base_dir, problems)
-        if export.name in seen:
-            problems.append(f'{source}: exports[{index}]: duplicate export name "{export.name}"')
-        seen.add(export.name)
-        exports.append(export)
-    return exports
+    return Config(server, exports)
 
 
 def load_config(path: Path) -> Config:
-    """Read and validate a config file."""
+    """Read and validate a config file; relative paths in it are relative to its directory."""
     try:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
     except OSError as err:
-        raise ConfigError([f"{path}: cannot read config: {err.strerror or err}"]) from err
+        raise ConfigError(f"{path}: cannot read config: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte offset {err.start})") from err
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError([f"{path}: invalid TOML: {err}"]) from err
-    base_dir = Path(os.path.abspath(path)).parent
-    config = parse_config(data, source=str(path), base_dir=base_dir)
-    return replace(config, source=Path(os.path.abspath(path)))
+        raise ConfigError(f"{path}: invalid TOML: {err}") from err
+    absolute = Path.cwd() / path
+    config = parse_config(data, source=str(path), base_dir=absolute.parent)
+    return replace(config, source=absolute)
 
 
 def with_overrides(
     config: Config, *, listen: Sequence[str] | None = None, metrics_listen: str | None = None
 ) -> Config:
-    """Apply command-line overrides (relative unix paths resolve against the CWD)."""
+    """Apply command-line overrides; relative unix paths resolve against the CWD."""
+    problems: list[str] = []
     server = config.server
-    try:
-        if listen:
-            cwd = Path.cwd()
-            server = replace(server, listen=tuple(parse_listen_address(t, cwd) for t in listen))
-        if metrics_listen:
+    if listen:
+        addresses = []
+        for text in listen:
+            try:
+                addresses.append(parse_listen_address(text, Path.cwd()))
+            except ValueError as err:
+                problems.append(f"--listen: {err}")
+        server = replace(server, listen=tuple(addresses))
+    if metrics_listen is not None:
+        try:
             server = replace(server, metrics_listen=parse_host_port(metrics_listen))
-    except ValueError as err:
-        option = "--listen" if listen else "--metrics-listen"
-        raise ConfigError([f"{option}: {err}"]) from err
+        except ValueError as err:
+            problems.append(f"--metrics-listen: {err}")
+    if problems:
+        raise ConfigError(problems)
     return replace(config, server=server)
