@@ -25,7 +25,7 @@ LATENCY_BUCKETS = (
     1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
-COMMAND_LABELS = {
+COMMAND_LABELS: dict[int, str] = {
     Command.READ: "read",
     Command.WRITE: "write",
     Command.FLUSH: "flush",
@@ -35,6 +35,11 @@ COMMAND_LABELS = {
     Command.BLOCK_STATUS: "block_status",
 }
 UNKNOWN_COMMAND = "other"
+
+
+def command_label(command: int) -> str:
+    """The `command` label value (and log field) for a request's command code."""
+    return COMMAND_LABELS.get(command, UNKNOWN_COMMAND)
 
 
 class Metrics:
@@ -179,7 +184,7 @@ class ExportMetrics:
         stats.latency_sum += elapsed
         stats.buckets[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
         if error:
-            key = (COMMAND_LABELS.get(command, UNKNOWN_COMMAND), error)  # type: ignore[call-overload]
+            key = (command_label(command), error)
             self.errors[key] = self.errors.get(key, 0) + 1
         elif command == Command.READ:
             self.read_bytes += length
@@ -234,7 +239,7 @@ class _RequestCollector(Collector):
         )
         for export in list(self._metrics.exports):
             name = export.export
-            items = [(COMMAND_LABELS[Command(code)], st) for code, st in export.commands.items()]
+            items = [(command_label(code), st) for code, st in export.commands.items()]
             for label, stats in [*items, (UNKNOWN_COMMAND, export.other)]:
                 buckets = list(stats.buckets)  # one consistent snapshot
                 requests.add_metric([name, label], sum(buckets))

@@ -13,7 +13,7 @@ from typing import Any
 
 from nbdguard.errors import nbd_error_for
 from nbdguard.guard.sector0 import HeaderWriteBlocked
-from nbdguard.observability.metrics import COMMAND_LABELS
+from nbdguard.observability.metrics import command_label
 from nbdguard.protocol import wire
 from nbdguard.protocol.constants import AllocationFlag, Command, CommandFlag, NBDError
 from nbdguard.protocol.transmission import Request
@@ -75,7 +75,7 @@ class Dispatcher:
         if self.debug:
             self.log.debug(
                 "request.done",
-                command=COMMAND_LABELS.get(request.command, "other"),  # type: ignore[call-overload]
+                command=command_label(request.command),
                 offset=request.offset,
                 length=request.length,
                 error=error,
@@ -90,7 +90,7 @@ class Dispatcher:
         error = nbd_error_for(exc)
         self.log.warning(
             "request.failed",
-            command=Command(request.command).name,
+            command=command_label(request.command),
             offset=request.offset,
             length=request.length,
             error=error.name,
@@ -100,8 +100,8 @@ class Dispatcher:
         return error
 
     def _audit_blocked(self, request: Request, blocked: HeaderWriteBlocked) -> None:
-        command = Command(request.command).name.lower()
-        self.export.metrics.blocked(blocked.format, command)
+        command = command_label(request.command)
+        self.metrics.blocked(blocked.format, command)
         self.log.warning(
             "guard.header_write_blocked",
             command=command,
