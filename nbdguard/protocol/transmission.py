@@ -33,7 +33,9 @@ class Request:
         self.cookie = cookie
         self.offset = offset
         self.length = length
-        self.payload: bytearray | None = None
+        # WRITE data. From buffer_updated() it may be a view of the parser's buffers, valid
+        # until the next get_buffer(): serve the request before receiving more.
+        self.payload: bytes | bytearray | memoryview | None = None
         self.oversized = False  # a WRITE whose payload exceeded the maximum and was skipped
 
     def __repr__(self) -> str:
@@ -55,6 +57,11 @@ class RequestParser:
         self._pending: Request | None = None  # a WRITE waiting for payload
         self._filled = 0  # payload bytes received (or skipped) so far
         self._direct = False  # the last get_buffer() handed out the payload buffer
+        # One payload buffer reused across WRITEs (no allocation, no fresh pages to fault in);
+        # at most one request per buffer_updated() call may use it.
+        self._reusable = bytearray()
+        self._reusable_taken = False
+        self._pending_reusable = False
 
     @property
     def awaiting_payload(self) -> bool:
@@ -78,8 +85,13 @@ class RequestParser:
         return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> list[Request]:
-        """Account for `nbytes` written into the last buffer; return completed requests."""
+        """Account for `nbytes` written into the last buffer; return completed requests.
+
+        WRITE payloads may be views of the parser's buffers: they are valid until the next
+        get_buffer() call.
+        """
         completed: list[Request] = []
+        self._reusable_taken = self._pending is not None and self._pending_reusable
         if self._direct:
             self._direct = False
             self._filled += nbytes
@@ -99,6 +111,9 @@ class RequestParser:
             target[:count] = source[:count]
             source = source[count:]
             completed += self.buffer_updated(count)
+        for request in completed:  # detach from the parser's buffers: callers may keep them
+            if request.payload is not None:
+                request.payload = bytes(request.payload)
         return completed
 
     def _parse(self, completed: list[Request]) -> None:
@@ -116,16 +131,27 @@ class RequestParser:
             if magic != REQUEST_MAGIC:
                 raise ProtocolViolation(f"bad request magic {magic:#x}")
             request = Request(flags, command, cookie, offset, length)
-            if command == Command.WRITE and length:
-                self._begin_payload(request)
-            else:
+            if command != Command.WRITE or not length:
                 completed.append(request)
+            elif length <= self._end - self._start and length <= self._max_payload:
+                # The whole payload is already here: hand out a view, copy nothing.
+                request.payload = self._view[self._start : self._start + length]
+                self._start += length
+                completed.append(request)
+            else:
+                self._begin_payload(request)
 
     def _begin_payload(self, request: Request) -> None:
+        self._pending_reusable = False
         if request.length > self._max_payload:
             request.oversized = True
-        else:
+        elif self._reusable_taken:
             request.payload = bytearray(request.length)
+        else:
+            if len(self._reusable) < request.length:
+                self._reusable = bytearray(request.length)  # views of the old one stay valid
+            request.payload = memoryview(self._reusable)[: request.length]
+            self._reusable_taken = self._pending_reusable = True
         self._pending = request
         self._filled = 0
 
@@ -135,7 +161,8 @@ class RequestParser:
         count = min(request.length - self._filled, self._end - self._start)
         if count and request.payload is not None:
             start = self._start
-            request.payload[self._filled : self._filled + count] = self._view[start : start + count]
+            target = memoryview(request.payload)
+            target[self._filled : self._filled + count] = self._view[start : start + count]
         self._start += count
         self._filled += count
 

@@ -185,3 +185,42 @@ def test_random_bytes_raise_only_protocol_violation(data: bytes) -> None:
 
 def test_header_struct_is_28_bytes() -> None:
     assert len(request(Command.READ)) == 28 == struct.calcsize(">IHHQQI")
+
+
+def feed_like_a_socket(parser: RequestParser, data: bytes, chunk: int) -> list[tuple[int, bytes]]:
+    """Receive through get_buffer/buffer_updated as asyncio does, serving each batch at once
+    (payload views are only valid until the next get_buffer)."""
+    served: list[tuple[int, bytes]] = []
+    source = memoryview(data)
+    while source:
+        target = parser.get_buffer()
+        count = min(len(target), len(source), chunk)
+        target[:count] = source[:count]
+        source = source[count:]
+        for req in parser.buffer_updated(count):
+            served.append((req.cookie, bytes(req.payload) if req.payload is not None else b""))
+    return served
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(1, 3 * DIRECT_THRESHOLD), min_size=1, max_size=12),
+    st.integers(1, 300_000),
+)
+def test_reused_payload_buffers_never_mix_requests(lengths: list[int], chunk: int) -> None:
+    stream = b"".join(
+        request(Command.WRITE, 0, length, cookie=i) + bytes([i + 1]) * length
+        for i, length in enumerate(lengths)
+    )
+    served = feed_like_a_socket(RequestParser(MAX), stream, chunk)
+    assert served == [(i, bytes([i + 1]) * length) for i, length in enumerate(lengths)]
+
+
+def test_small_writes_in_the_scratch_buffer_are_views_not_copies() -> None:
+    parser = RequestParser(MAX)
+    stream = request(Command.WRITE, 0, 4096, cookie=1) + b"x" * 4096
+    target = parser.get_buffer()
+    target[: len(stream)] = stream
+    [req] = parser.buffer_updated(len(stream))
+    assert isinstance(req.payload, memoryview) and req.payload.obj is parser._scratch
+    assert bytes(req.payload) == b"x" * 4096
