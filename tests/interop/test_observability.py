@@ -250,3 +250,16 @@ def test_exposed_names_include_histograms(observed: RunningServer) -> None:
     names = exposed_names(text)
     assert "nbdguard_request_duration_seconds_bucket" in names
     assert "nbdguard_chain_refused_total" in names  # declared even before any refusal
+
+
+def test_every_promql_expression_uses_exposed_metrics(observed: RunningServer) -> None:
+    """The dashboard and the alert rules may only name metrics a live nbdguard exposes."""
+    from tests.test_deploy_files import promql_expressions
+
+    _, text = scrape(metrics_port(observed))
+    exposed = exposed_names(text)
+    expressions = promql_expressions()
+    assert expressions, "no PromQL found in the dashboard or the rules"
+    for expression in expressions:
+        for name in re.findall(r"\bnbdguard_[a-z0-9_]+", expression):
+            assert name in exposed, f"{name!r} in {expression!r} is not exposed"
