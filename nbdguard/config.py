@@ -33,7 +33,10 @@ DEFAULT_LISTEN = "tcp://127.0.0.1:10809"
 MAX_STRING_BYTES = 4096  # NBD's limit for export names and descriptions
 
 TOP_KEYS = ("server", "exports")
-SERVER_KEYS = ("listen", "metrics_listen", "log_format", "log_level", "request_metrics")
+SERVER_KEYS = (
+    "listen", "metrics_listen", "log_format", "log_level", "request_metrics",
+    "handshake_timeout", "max_connections",
+)  # fmt: skip
 GUARD_KEYS = ("header_guard", "allow_headers", "on_existing_header")
 EXPORT_KEYS = ("name", "path", "format", "read_only", "description", *GUARD_KEYS)
 
@@ -75,6 +78,8 @@ class ServerConfig:
     log_format: LogFormat = "auto"
     log_level: LogLevel = "info"
     request_metrics: bool = True  # per-request counters and latency histograms
+    handshake_timeout: float = 10.0  # seconds from accept to an export chosen (CVE-2024-7409)
+    max_connections: int = 100  # open client connections, all exports together
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +236,19 @@ class _Table:
     def boolean(self, key: str, default: bool) -> bool:
         return self._typed(key, bool, default)
 
+    def number(self, key: str, default: float, *, minimum: float, integer: bool = False) -> float:
+        """An int (or, unless `integer`, a float) no smaller than `minimum`."""
+        value = self.data.get(key, default)
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            kind = "an integer" if integer else "a number"
+            self.problem(key, f"must be {kind} (got {_shown(value)})")
+            return default
+        if value < minimum:
+            self.problem(key, f"must be at least {minimum:g} (got {_shown(value)})")
+            return default
+        return value
+
     def string(self, key: str, default: str = "", *, max_bytes: int | None = None) -> str:
         value = self._typed(key, str, default)
         if max_bytes is not None and len(value.encode("utf-8", "surrogatepass")) > max_bytes:
@@ -274,6 +292,8 @@ def _parse_server(table: _Table, base_dir: Path) -> ServerConfig:
         log_format=table.choice("log_format", LOG_FORMATS, "auto"),
         log_level=table.choice("log_level", LOG_LEVELS, "info"),
         request_metrics=table.boolean("request_metrics", True),
+        handshake_timeout=table.number("handshake_timeout", 10.0, minimum=0.001),
+        max_connections=int(table.number("max_connections", 100, minimum=1, integer=True)),
     )
 
 

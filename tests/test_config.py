@@ -42,7 +42,10 @@ on_existing_header = "warn"
 """
 
 EXPORT = '[[exports]]\nname = "a"\npath = "a.raw"\nformat = "raw"\n'
-SERVER_ALLOWED = ("listen", "metrics_listen", "log_format", "log_level", "request_metrics")
+SERVER_ALLOWED = (
+    "listen", "metrics_listen", "log_format", "log_level", "request_metrics",
+    "handshake_timeout", "max_connections",
+)  # fmt: skip
 EXPORT_ALLOWED = (
     "name",
     "path",
@@ -549,3 +552,21 @@ def test_shipped_example_config_is_valid() -> None:
     assert [export.name for export in config.exports] == ["vm1", "install-media"]
     assert config.exports[1].read_only
     assert config.server.metrics_listen == ("127.0.0.1", 9109)
+
+
+def test_limit_keys(tmp_path: Path) -> None:
+    base = '[[exports]]\nname="a"\npath="a"\nformat="raw"\n[server]\n'
+    config = load_config(write(tmp_path, base + "handshake_timeout = 2.5\nmax_connections = 7\n"))
+    assert config.server.handshake_timeout == 2.5 and config.server.max_connections == 7
+    defaults = load_config(write(tmp_path, base))
+    assert defaults.server.handshake_timeout == 10 and defaults.server.max_connections == 100
+    for bad in (
+        "max_connections = 0",
+        "max_connections = 1.5",
+        "handshake_timeout = -1",
+        'handshake_timeout = "10s"',
+        "max_connections = true",
+    ):
+        with pytest.raises(ConfigError) as caught:
+            load_config(write(tmp_path, base + bad + "\n"))
+        assert bad.split(" ")[0] in str(caught.value)

@@ -106,11 +106,20 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.limit_hits = Counter(
+            "nbdguard_limit_hits",
+            "Connections or requests refused because a configured limit was reached.",
+            ["limit"],
+            registry=r,
+        )
         self.build_info = Gauge("nbdguard_build_info", "nbdguard version.", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)
 
     def for_export(self, export: str, *, per_request: bool = True) -> ExportMetrics:
         return ExportMetrics(self, export, per_request=per_request)
+
+    def limit_hit(self, limit: str) -> None:
+        self.limit_hits.labels(limit=limit).inc()
 
     def handshake_failed(self, reason: str) -> None:
         self.handshake_failures.labels(reason=reason).inc()

@@ -23,12 +23,13 @@ SHUTDOWN_GRACE = 30.0
 
 
 class Server:
-    def __init__(self, config: Config, *, handshake_timeout: float = 10.0) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.log: Any = get_logger()
         self.registry = ExportRegistry()
         self.handshake_limits = HandshakeLimits()
-        self.handshake_timeout = handshake_timeout
+        self.handshake_timeout = config.server.handshake_timeout
+        self.max_connections = config.server.max_connections
         self.connections: set[Connection] = set()
         self._listeners: list[asyncio.Server] = []
         self._stop = asyncio.Event()

@@ -49,6 +49,16 @@ class Connection(asyncio.BufferedProtocol):
         transport = self.transport
         peer = transport.get_extra_info("peername")
         self.log = self.log.bind(client=_format_peer(peer))
+        if len(self.server.connections) >= self.server.max_connections:
+            self.server.metrics.limit_hit("max_connections")
+            self.log.warning(
+                "connection.refused",
+                limit="max_connections",
+                max_connections=self.server.max_connections,
+            )
+            self.handshake = None
+            transport.abort()
+            return
         self.server.connections.add(self)
         assert self.handshake is not None
         transport.write(self.handshake.data_to_send())

@@ -1,0 +1,73 @@
+"""Configured limits: each is hit, reported, and leaves other clients unaffected."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.interop.conftest import ExportSpec, free_port, start_server
+
+nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
+pytestmark = pytest.mark.interop
+
+
+def metric(port: int, line_start: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = [
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start)
+    ]
+    return values[0] if values else 0.0
+
+
+def test_max_connections(tmp_path: Path) -> None:
+    port = free_port()
+    server = start_server(
+        tmp_path / "s",
+        [ExportSpec("vm1", size=1 << 20)],
+        max_connections=2,
+        metrics_listen=f"127.0.0.1:{port}",
+    )
+    first, second = nbd.NBD(), nbd.NBD()
+    first.connect_uri(server.uri("vm1"))
+    second.connect_uri(server.uri("vm1"))
+    third = nbd.NBD()
+    with pytest.raises(nbd.Error):
+        third.connect_uri(server.uri("vm1"))
+    first.pwrite(b"still", 0)
+    assert second.pread(5, 0) == b"still"
+    assert metric(port, 'nbdguard_limit_hits_total{limit="max_connections"}') == 1
+    first.shutdown()
+    time.sleep(0.2)
+    again = nbd.NBD()
+    again.connect_uri(server.uri("vm1"))  # a slot is free again
+    again.shutdown()
+    second.shutdown()
+    assert server.stop() == 0
+    assert '"connection.refused"' in server.log()
+
+
+def test_handshake_timeout(tmp_path: Path) -> None:
+    port = free_port()
+    server = start_server(
+        tmp_path / "s",
+        [ExportSpec("vm1", size=1 << 20)],
+        handshake_timeout=0.5,
+        metrics_listen=f"127.0.0.1:{port}",
+    )
+    baseline = metric(port, 'nbdguard_handshake_failures_total{reason="timeout"}')
+    with socket.socket(socket.AF_UNIX) as idle:
+        idle.connect(str(server.socket_path))
+        idle.settimeout(5)
+        started = time.monotonic()
+        assert len(idle.recv(18)) == 18  # the greeting, then nothing from us
+        assert idle.recv(100) == b""  # the server hung up
+        assert time.monotonic() - started < 3
+    h = nbd.NBD()
+    h.connect_uri(server.uri("vm1"))  # a prompt client is unaffected
+    h.shutdown()
+    assert metric(port, 'nbdguard_handshake_failures_total{reason="timeout"}') == baseline + 1
+    assert server.stop() == 0
