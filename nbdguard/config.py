@@ -35,7 +35,7 @@ MAX_STRING_BYTES = 4096  # NBD's limit for export names and descriptions
 TOP_KEYS = ("server", "exports")
 SERVER_KEYS = (
     "listen", "metrics_listen", "log_format", "log_level", "request_metrics",
-    "handshake_timeout", "max_connections",
+    "handshake_timeout", "max_connections", "max_requests_in_flight",
 )  # fmt: skip
 GUARD_KEYS = ("header_guard", "allow_headers", "on_existing_header")
 EXPORT_KEYS = ("name", "path", "format", "read_only", "description", *GUARD_KEYS)
@@ -80,6 +80,7 @@ class ServerConfig:
     request_metrics: bool = True  # per-request counters and latency histograms
     handshake_timeout: float = 10.0  # seconds from accept to an export chosen (CVE-2024-7409)
     max_connections: int = 100  # open client connections, all exports together
+    max_requests_in_flight: int = 256  # per connection; beyond it the server stops reading
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +295,9 @@ def _parse_server(table: _Table, base_dir: Path) -> ServerConfig:
         request_metrics=table.boolean("request_metrics", True),
         handshake_timeout=table.number("handshake_timeout", 10.0, minimum=0.001),
         max_connections=int(table.number("max_connections", 100, minimum=1, integer=True)),
+        max_requests_in_flight=int(
+            table.number("max_requests_in_flight", 256, minimum=1, integer=True)
+        ),
     )
 
 

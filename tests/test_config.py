@@ -44,7 +44,7 @@ on_existing_header = "warn"
 EXPORT = '[[exports]]\nname = "a"\npath = "a.raw"\nformat = "raw"\n'
 SERVER_ALLOWED = (
     "listen", "metrics_listen", "log_format", "log_level", "request_metrics",
-    "handshake_timeout", "max_connections",
+    "handshake_timeout", "max_connections", "max_requests_in_flight",
 )  # fmt: skip
 EXPORT_ALLOWED = (
     "name",

@@ -39,7 +39,14 @@ class Server:
         self._stopping = False
 
     async def start(self) -> None:
-        """Open every export, then every listener; any failure undoes what was done."""
+        """Open every export, then every listener; any failure undoes what was done.
+
+        Signal handlers go in first: a SIGTERM that arrives as soon as a listener accepts
+        must still mean a graceful stop, not the default kill.
+        """
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._on_signal, signum)
         try:
             self.registry = ExportRegistry(self._open_exports())
             self._start_metrics()
@@ -55,6 +62,7 @@ class Server:
                     "by socket activation (LISTEN_FDS)"
                 )
         except BaseException:
+            self._remove_signal_handlers()
             await self._close_listeners()
             self.registry.close_all()
             raise
@@ -150,15 +158,16 @@ class Server:
 
     async def serve(self) -> None:
         """Serve until SIGINT/SIGTERM (or request_stop), then shut down gracefully."""
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, self._on_signal, signum)
         try:
             await self._stop.wait()
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
+            self._remove_signal_handlers()
             await self.shutdown()
+
+    def _remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
 
     def _on_signal(self, signum: int) -> None:
         self.log.info("server.stopping", signal=signal.Signals(signum).name)

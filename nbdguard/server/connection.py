@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -39,6 +40,8 @@ class Connection(asyncio.BufferedProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._stopped_reading = False
+        self._busy = False  # too many replies being worked on: stop reading requests
+        self._backlog: deque[Request] = deque()
         self._closer: asyncio.Future[None] | None = None
         self.closed = asyncio.get_running_loop().create_future()
 
@@ -84,6 +87,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._deadline is not None:
             self._deadline.cancel()
         self.server.connections.discard(self)
+        self._backlog.clear()
         if self.handshake is not None:
             self._handshake_failed("disconnected", "client closed during the handshake", clean=True)
         if self.dispatcher is not None:
@@ -133,7 +137,14 @@ class Connection(asyncio.BufferedProtocol):
             done.export.max_payload,
         )
         self.dispatcher = Dispatcher(
-            export, limits, done.meta_contexts, self._send, self.log, debug=self.server.debug
+            export,
+            limits,
+            done.meta_contexts,
+            self._send,
+            self.log,
+            debug=self.server.debug,
+            max_in_flight=self.server.config.server.max_requests_in_flight,
+            on_busy=self._set_busy,
         )
         export.metrics.connection_opened()
         self.parser = RequestParser(done.export.max_payload)
@@ -173,10 +184,15 @@ class Connection(asyncio.BufferedProtocol):
         return requests
 
     def _serve_all(self, requests: list[Request]) -> None:
+        """Serve requests in order; while too many replies are pending, keep the rest in a
+        backlog (reading is paused, so their payload views stay valid until served)."""
         dispatcher = self.dispatcher
         assert dispatcher is not None
-        for request in requests:
+        self._backlog.extend(requests)
+        while self._backlog and not self._busy:
+            request = self._backlog.popleft()
             if request.command == Command.DISC:
+                self._backlog.clear()
                 self._disconnect()
                 return
             dispatcher.handle(request)
@@ -213,11 +229,19 @@ class Connection(asyncio.BufferedProtocol):
         if transport is not None and not transport.is_closing():
             transport.writelines(pieces)
 
+    def _set_busy(self, busy: bool) -> None:
+        if busy:
+            self.server.metrics.limit_hit("max_requests_in_flight")
+        self._busy = busy
+        if not busy and self._backlog:
+            self._serve_all([])
+        self._set_reading()
+
     def _set_reading(self) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self._write_paused or self._stopped_reading:
+        if self._write_paused or self._stopped_reading or self._busy:
             transport.pause_reading()
         else:
             transport.resume_reading()

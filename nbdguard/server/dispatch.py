@@ -41,6 +41,8 @@ class Dispatcher:
         log: Any,
         *,
         debug: bool = False,
+        max_in_flight: int = 256,
+        on_busy: Callable[[bool], None] = lambda busy: None,
     ) -> None:
         self.export = export
         self.device = export.device
@@ -51,7 +53,9 @@ class Dispatcher:
         self.log = log
         self.debug = debug  # one log event per request: only when asked for
         self.metrics = export.metrics
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # replies still being worked on
+        self.max_in_flight = max_in_flight
+        self.on_busy = on_busy
         self.shutting_down = False
 
     def handle(self, request: Request) -> None:
@@ -232,7 +236,14 @@ class Dispatcher:
     def spawn(self, work: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(work)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._task_done)
+        if len(self.tasks) == self.max_in_flight:
+            self.on_busy(True)  # stop reading: a client must not pile up unbounded work
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if len(self.tasks) == self.max_in_flight - 1:
+            self.on_busy(False)
 
     async def drain(self) -> None:
         """Wait until every reply still being worked on has been sent."""

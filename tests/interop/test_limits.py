@@ -71,3 +71,29 @@ def test_handshake_timeout(tmp_path: Path) -> None:
     h.shutdown()
     assert metric(port, 'nbdguard_handshake_failures_total{reason="timeout"}') == baseline + 1
     assert server.stop() == 0
+
+
+def test_max_requests_in_flight_pauses_reading_and_loses_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    server = start_server(
+        tmp_path / "s",
+        [ExportSpec("vm1", size=4 << 20)],
+        max_requests_in_flight=4,
+        metrics_listen=f"127.0.0.1:{port}",
+    )
+    h = nbd.NBD()
+    h.connect_uri(server.uri("vm1"))
+    cookies = []
+    for i in range(300):  # flushes run in threads: they pile up unless the server pushes back
+        cookies.append(h.aio_flush())
+        buf = nbd.Buffer.from_bytearray(bytearray([i % 251 + 1]) * 4096)
+        cookies.append(h.aio_pwrite(buf, (i % 1024) * 4096, flags=nbd.CMD_FLAG_FUA))
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    assert all(h.aio_command_completed(cookie) for cookie in cookies)
+    data = server.images["vm1"].read_bytes()
+    for i in range(300):
+        assert data[i * 4096 : i * 4096 + 4096] == bytes([i % 251 + 1]) * 4096
+    h.shutdown()
+    assert metric(port, 'nbdguard_limit_hits_total{limit="max_requests_in_flight"}') >= 1
+    assert server.stop() == 0
