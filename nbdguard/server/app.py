@@ -153,11 +153,8 @@ class Server:
     def _factory(self, listener: str) -> Any:
         return lambda: Connection(self, listener)
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     async def serve(self) -> None:
-        """Serve until SIGINT/SIGTERM (or request_stop), then shut down gracefully."""
+        """Serve until SIGINT/SIGTERM, then shut down gracefully."""
         try:
             await self._stop.wait()
         finally:
@@ -209,7 +206,3 @@ class Server:
         self._listeners.clear()
         for address in self.config.server.listen:
             listeners.remove_unix_socket(address)
-
-    @property
-    def addresses(self) -> list[str]:
-        return [addr for server in self._listeners for addr in listeners.bound_addresses(server)]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +51,7 @@ class RunningServer:
     port: int
     images: dict[str, Path]
     log_path: Path
+    metrics_port: int = 0  # 0: started without metrics_listen
 
     def uri(self, export: str, transport: str = "unix") -> str:
         """An NBD URI understood by libnbd tools and by qemu."""
@@ -58,10 +62,35 @@ class RunningServer:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def scrape(self, path: str = "/metrics") -> tuple[int, str]:
+        """HTTP status and body from the metrics endpoint (start_server(metrics=True))."""
+        assert self.metrics_port, "started without metrics"
+        url = f"http://127.0.0.1:{self.metrics_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        """One sample from a fresh scrape (see `sample`)."""
+        return sample(self.scrape()[1], name, **labels)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         return self.process.wait(timeout=timeout)
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus text format, matched on a subset of labels."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if all(found.get(key) == value for key, value in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
 
 
 def _toml_value(value: object) -> str:
@@ -97,8 +126,15 @@ def write_config(directory: Path, exports: list[ExportSpec], port: int, **server
     return path
 
 
-def start_server(directory: Path, exports: list[ExportSpec], **server: object) -> RunningServer:
+def start_server(
+    directory: Path, exports: list[ExportSpec], *, metrics: bool = False, **server: object
+) -> RunningServer:
+    """Start nbdguard on a Unix socket and a TCP port (plus a metrics endpoint if asked);
+    extra keyword arguments become [server] keys."""
     directory.mkdir(parents=True, exist_ok=True)
+    metrics_port = free_port() if metrics else 0
+    if metrics:
+        server["metrics_listen"] = f"127.0.0.1:{metrics_port}"
     images = {}
     for spec in exports:
         image = directory / f"{spec.name or 'default'}.raw"
@@ -116,7 +152,9 @@ def start_server(directory: Path, exports: list[ExportSpec], **server: object) -
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
-    running = RunningServer(process, directory, directory / "nbd.sock", port, images, log_path)
+    running = RunningServer(
+        process, directory, directory / "nbd.sock", port, images, log_path, metrics_port
+    )
     _wait_ready(running)
     return running
 

@@ -4,32 +4,22 @@ from __future__ import annotations
 
 import socket
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.interop.conftest import ExportSpec, free_port, start_server
+from tests.interop.conftest import ExportSpec, start_server
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
 pytestmark = pytest.mark.interop
 
 
-def metric(port: int, line_start: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    values = [
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start)
-    ]
-    return values[0] if values else 0.0
-
-
 def test_max_connections(tmp_path: Path) -> None:
-    port = free_port()
     server = start_server(
         tmp_path / "s",
         [ExportSpec("vm1", size=1 << 20)],
         max_connections=2,
-        metrics_listen=f"127.0.0.1:{port}",
+        metrics=True,
     )
     first, second = nbd.NBD(), nbd.NBD()
     first.connect_uri(server.uri("vm1"))
@@ -39,7 +29,7 @@ def test_max_connections(tmp_path: Path) -> None:
         third.connect_uri(server.uri("vm1"))
     first.pwrite(b"still", 0)
     assert second.pread(5, 0) == b"still"
-    assert metric(port, 'nbdguard_limit_hits_total{limit="max_connections"}') == 1
+    assert server.sample("nbdguard_limit_hits_total", limit="max_connections") == 1
     first.shutdown()
     time.sleep(0.2)
     again = nbd.NBD()
@@ -51,14 +41,13 @@ def test_max_connections(tmp_path: Path) -> None:
 
 
 def test_handshake_timeout(tmp_path: Path) -> None:
-    port = free_port()
     server = start_server(
         tmp_path / "s",
         [ExportSpec("vm1", size=1 << 20)],
         handshake_timeout=0.5,
-        metrics_listen=f"127.0.0.1:{port}",
+        metrics=True,
     )
-    baseline = metric(port, 'nbdguard_handshake_failures_total{reason="timeout"}')
+    baseline = server.sample("nbdguard_handshake_failures_total", reason="timeout") or 0
     with socket.socket(socket.AF_UNIX) as idle:
         idle.connect(str(server.socket_path))
         idle.settimeout(5)
@@ -69,17 +58,18 @@ def test_handshake_timeout(tmp_path: Path) -> None:
     h = nbd.NBD()
     h.connect_uri(server.uri("vm1"))  # a prompt client is unaffected
     h.shutdown()
-    assert metric(port, 'nbdguard_handshake_failures_total{reason="timeout"}') == baseline + 1
+    assert (
+        server.sample("nbdguard_handshake_failures_total", reason="timeout") or 0
+    ) == baseline + 1
     assert server.stop() == 0
 
 
 def test_max_requests_in_flight_pauses_reading_and_loses_nothing(tmp_path: Path) -> None:
-    port = free_port()
     server = start_server(
         tmp_path / "s",
         [ExportSpec("vm1", size=4 << 20)],
         max_requests_in_flight=4,
-        metrics_listen=f"127.0.0.1:{port}",
+        metrics=True,
     )
     h = nbd.NBD()
     h.connect_uri(server.uri("vm1"))
@@ -95,5 +85,5 @@ def test_max_requests_in_flight_pauses_reading_and_loses_nothing(tmp_path: Path)
     for i in range(300):
         assert data[i * 4096 : i * 4096 + 4096] == bytes([i % 251 + 1]) * 4096
     h.shutdown()
-    assert metric(port, 'nbdguard_limit_hits_total{limit="max_requests_in_flight"}') >= 1
+    assert (server.sample("nbdguard_limit_hits_total", limit="max_requests_in_flight") or 0) >= 1
     assert server.stop() == 0

@@ -18,29 +18,10 @@ from typing import Any
 import pytest
 
 from tests.guard.samples import QEMU_HEADERS
-from tests.interop.conftest import ExportSpec, RunningServer, free_port, start_server
+from tests.interop.conftest import ExportSpec, RunningServer, free_port, sample, start_server
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
 pytestmark = pytest.mark.interop
-
-
-def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of one sample in Prometheus text format, matched on a subset of labels."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
-        if all(found.get(key) == value for key, value in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 def exposed_names(text: str) -> set[str]:
@@ -62,19 +43,13 @@ def exposed_names(text: str) -> set[str]:
 
 @pytest.fixture
 def observed(tmp_path: Path) -> Iterator[RunningServer]:
-    port = free_port()
     server = start_server(
         tmp_path / "srv",
         [ExportSpec("vm1", size=8 << 20), ExportSpec("ro", size=1 << 20, read_only=True)],
-        metrics_listen=f"127.0.0.1:{port}",
+        metrics=True,
     )
-    server.metrics_port = port  # type: ignore[attr-defined]
     yield server
     assert server.stop() == 0, server.log()
-
-
-def metrics_port(server: RunningServer) -> int:
-    return int(server.metrics_port)  # type: ignore[attr-defined]
 
 
 def events(server: RunningServer) -> list[dict[str, Any]]:
@@ -82,8 +57,7 @@ def events(server: RunningServer) -> list[dict[str, Any]]:
 
 
 def test_healthz_and_request_metrics(observed: RunningServer) -> None:
-    port = metrics_port(observed)
-    assert scrape(port, "/healthz") == (200, "ok\n")
+    assert observed.scrape("/healthz") == (200, "ok\n")
     h = nbd.NBD()
     h.set_strict_mode(0)
     h.connect_uri(observed.uri("vm1"))
@@ -92,12 +66,12 @@ def test_healthz_and_request_metrics(observed: RunningServer) -> None:
     h.flush()
     with pytest.raises(nbd.Error):
         h.pread(512, 8 << 20)
-    status, text = scrape(port)
+    status, text = observed.scrape()
     assert status == 200
     assert sample(text, "nbdguard_connections", export="vm1") == 1
     h.shutdown()
     time.sleep(0.2)
-    _, text = scrape(port)
+    _, text = observed.scrape()
     assert sample(text, "nbdguard_connections", export="vm1") == 0
     assert sample(text, "nbdguard_connections_opened_total", export="vm1") == 1
     assert sample(text, "nbdguard_requests_total", export="vm1", command="write") == 1
@@ -139,7 +113,7 @@ def test_healthz_and_request_metrics(observed: RunningServer) -> None:
 
 
 def test_handshake_failures_are_counted_and_logged(observed: RunningServer) -> None:
-    _, before = scrape(metrics_port(observed))
+    _, before = observed.scrape()
     probes = sample(before, "nbdguard_handshake_failures_total", reason="disconnected") or 0
     with socket.socket(socket.AF_UNIX) as raw:
         raw.connect(str(observed.socket_path))
@@ -150,7 +124,7 @@ def test_handshake_failures_are_counted_and_logged(observed: RunningServer) -> N
         raw.connect(str(observed.socket_path))
         raw.recv(18)
     time.sleep(0.3)
-    _, text = scrape(metrics_port(observed))
+    _, text = observed.scrape()
     assert sample(text, "nbdguard_handshake_failures_total", reason="bad_option_magic") == 1
     assert sample(text, "nbdguard_handshake_failures_total", reason="disconnected") == probes + 1
     failed = [e for e in events(observed) if e["event"] == "handshake.failed"]
@@ -201,7 +175,7 @@ def test_real_prometheus_scrapes_a_blocked_write(observed: RunningServer, tmp_pa
     config.write_text(
         "global:\n  scrape_interval: 1s\n"
         "scrape_configs:\n  - job_name: nbdguard\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{metrics_port(observed)}']\n"
+        f"      - targets: ['127.0.0.1:{observed.metrics_port}']\n"
     )
     process = subprocess.Popen(
         [
@@ -246,7 +220,7 @@ def _query_until(port: int, query: str, deadline: float) -> list[dict[str, Any]]
 
 
 def test_exposed_names_include_histograms(observed: RunningServer) -> None:
-    _, text = scrape(metrics_port(observed))
+    _, text = observed.scrape()
     names = exposed_names(text)
     assert "nbdguard_request_duration_seconds_bucket" in names
     assert "nbdguard_chain_refused_total" in names  # declared even before any refusal
@@ -256,7 +230,7 @@ def test_every_promql_expression_uses_exposed_metrics(observed: RunningServer) -
     """The dashboard and the alert rules may only name metrics a live nbdguard exposes."""
     from tests.test_deploy_files import promql_expressions
 
-    _, text = scrape(metrics_port(observed))
+    _, text = observed.scrape()
     exposed = exposed_names(text)
     expressions = promql_expressions()
     assert expressions, "no PromQL found in the dashboard or the rules"
