@@ -38,7 +38,9 @@ SERVER_KEYS = (
     "handshake_timeout", "max_connections", "max_requests_in_flight",
 )  # fmt: skip
 GUARD_KEYS = ("header_guard", "allow_headers", "on_existing_header")
-EXPORT_KEYS = ("name", "path", "format", "read_only", "description", *GUARD_KEYS)
+CHAIN_KEYS = ("allow_dirs", "max_chain_depth", "backing")
+EXPORT_KEYS = ("name", "path", "format", "read_only", "description", *GUARD_KEYS, *CHAIN_KEYS)
+DEFAULT_MAX_CHAIN_DEPTH = 16
 
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 _LABEL_CHARS = 40  # how much of an export name to repeat in every message about it
@@ -84,6 +86,14 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BackingPin:
+    """One layer below the top image, decided by the operator: where and in what format."""
+
+    path: Path  # absolute
+    format: Format
+
+
+@dataclass(frozen=True, slots=True)
 class ExportConfig:
     name: str
     path: Path  # absolute
@@ -93,6 +103,9 @@ class ExportConfig:
     header_guard: HeaderGuard = "qemu"
     allow_headers: frozenset[str] = frozenset()
     on_existing_header: ExistingHeaderAction = "warn"
+    allow_dirs: tuple[Path, ...] = ()  # absolute; where backing and data files may live
+    max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH  # images in the chain, the top included
+    backing: tuple[BackingPin, ...] | None = None  # the whole chain below the top, pinned
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +362,10 @@ def _parse_export(table: _Table, base_dir: Path) -> ExportConfig:
         for key in GUARD_KEYS:
             if key in table.data:
                 table.problem(key, "applies to raw exports only (a qcow2 header is pinned anyway)")
+    else:
+        for key in CHAIN_KEYS:
+            if key in table.data:
+                table.problem(key, "applies to qcow2 exports only (a raw image has no backing)")
     return ExportConfig(
         name=table.string("name", max_bytes=MAX_STRING_BYTES),
         path=_export_path(table, base_dir),
@@ -358,7 +375,48 @@ def _parse_export(table: _Table, base_dir: Path) -> ExportConfig:
         header_guard=table.choice("header_guard", GUARD_RULE_SETS, "qemu"),
         allow_headers=_allow_headers(table),
         on_existing_header=table.choice("on_existing_header", EXISTING_HEADER_ACTIONS, "warn"),
+        allow_dirs=tuple(
+            _config_path(table, "allow_dirs", text, base_dir)
+            for text in table.strings("allow_dirs") or ()
+        ),
+        max_chain_depth=int(
+            table.number("max_chain_depth", DEFAULT_MAX_CHAIN_DEPTH, minimum=1, integer=True)
+        ),
+        backing=_backing_pins(table, base_dir),
     )
+
+
+def _config_path(table: _Table, key: str, text: str, base_dir: Path) -> Path:
+    try:
+        _check_path(text, "the path")
+    except ValueError as err:
+        table.problem(key, str(err))
+    return _absolute(base_dir, text)
+
+
+def _backing_pins(table: _Table, base_dir: Path) -> tuple[BackingPin, ...] | None:
+    """`backing = [{path = "...", format = "raw"}, ...]`: the chain below the top, top-down."""
+    if "backing" not in table.data:
+        return None
+    value = table.data["backing"]
+    hint = 'must be a list of tables like { path = "base.qcow2", format = "qcow2" }'
+    if not isinstance(value, list):
+        table.problem("backing", f"{hint} (got {_shown(value)})")
+        return None
+    pins: list[BackingPin] = []
+    for index, item in enumerate(value):
+        key = f"backing[{index}]"
+        if not isinstance(item, Mapping):
+            table.problem(key, f"{hint} (got {_shown(item)})")
+            continue
+        entry = _Table(f"{table.where}: {key}", item, table.problems)
+        entry.unknown_keys(("path", "format"))
+        entry.required("path")
+        fmt: Format = "raw"
+        if entry.required("format", f": one of {_quoted(FORMATS)}"):
+            fmt = entry.choice("format", FORMATS, "raw")
+        pins.append(BackingPin(_export_path(entry, base_dir), fmt))
+    return tuple(pins)
 
 
 def _export_path(table: _Table, base_dir: Path) -> Path:

@@ -10,7 +10,31 @@ class NbdguardError(Exception):
 
 
 class ExportOpenError(NbdguardError):
-    """An export's image could not be opened safely; the message names export and path."""
+    """An export's image could not be opened safely; the message names export and path.
+
+    `reason` is a short stable label (metrics, logs, tests); the message says it in words.
+    """
+
+    reason: str = "refused"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class ChainRefused(ExportOpenError):
+    """One file of an export's chain (layer 0 is the image the export names) was refused."""
+
+    def __init__(self, export: str, layer: int, path: str, reason: str, detail: str) -> None:
+        self.export = export
+        self.layer = layer
+        self.path = path
+        self.detail = detail
+        super().__init__(
+            f"export {export!r}: layer {layer} ({path}): {detail} [reason={reason}]",
+            reason=reason,
+        )
 
 
 _ERRNO_TO_NBD: dict[int, NBDError] = {

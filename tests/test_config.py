@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from nbdguard.config import (
+    BackingPin,
     Config,
     ConfigError,
     ExportConfig,
@@ -55,6 +56,9 @@ EXPORT_ALLOWED = (
     "header_guard",
     "allow_headers",
     "on_existing_header",
+    "allow_dirs",
+    "max_chain_depth",
+    "backing",
 )
 
 
@@ -570,3 +574,48 @@ def test_limit_keys(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as caught:
             load_config(write(tmp_path, base + bad + "\n"))
         assert bad.split(" ")[0] in str(caught.value)
+
+
+QCOW2 = '[[exports]]\nname = "vm"\npath = "images/vm.qcow2"\nformat = "qcow2"\n'
+
+
+def test_chain_keys_are_read_with_paths_relative_to_the_config(tmp_path: Path) -> None:
+    text = QCOW2 + (
+        'allow_dirs = ["base", "/srv/shared"]\nmax_chain_depth = 3\n'
+        'backing = [{ path = "base/web.qcow2", format = "qcow2" },'
+        ' { path = "/srv/shared/debian.raw", format = "raw" }]\n'
+    )
+    export = load_config(write(tmp_path, text)).exports[0]
+    assert export.allow_dirs == (tmp_path / "base", Path("/srv/shared"))
+    assert export.max_chain_depth == 3
+    assert export.backing == (
+        BackingPin(tmp_path / "base/web.qcow2", "qcow2"),
+        BackingPin(Path("/srv/shared/debian.raw"), "raw"),
+    )
+
+
+def test_chain_defaults_pin_nothing(tmp_path: Path) -> None:
+    export = load_config(write(tmp_path, QCOW2)).exports[0]
+    assert (export.allow_dirs, export.max_chain_depth, export.backing) == ((), 16, None)
+    pinned_empty = load_config(write(tmp_path, QCOW2 + "backing = []\n")).exports[0]
+    assert pinned_empty.backing == ()
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("max_chain_depth = 0", 'key "max_chain_depth": must be at least 1'),
+        ('backing = "base.raw"', 'key "backing": must be a list of tables'),
+        ('backing = [{ path = "b.raw" }]', 'backing[0]: key "format": is required'),
+        ('backing = [{ path = "b.raw", format = "vmdk" }]', 'key "format": must be one of'),
+        ('backing = [{ path = "b.raw", format = "raw", x = 1 }]', 'unknown key "x"'),
+        ("allow_dirs = [1]", 'key "allow_dirs": must be a list of strings'),
+    ],
+)
+def test_bad_chain_keys_are_named(tmp_path: Path, line: str, message: str) -> None:
+    assert message in one_problem(tmp_path, QCOW2 + line + "\n")
+
+
+def test_chain_keys_on_a_raw_export_are_refused(tmp_path: Path) -> None:
+    problem = one_problem(tmp_path, EXPORT + 'allow_dirs = ["x"]\n')
+    assert 'key "allow_dirs": applies to qcow2 exports only' in problem

@@ -102,8 +102,8 @@ class Metrics:
         )
         self.chain_refused = Counter(
             "nbdguard_chain_refused",
-            "Backing-chain layers refused at export open.",
-            ["reason"],
+            "Exports refused at open because a file of their chain was refused.",
+            ["export", "reason"],
             registry=r,
         )
         self.limit_hits = Counter(

@@ -8,8 +8,8 @@ import contextlib
 import signal
 from typing import Any
 
-from nbdguard.config import Config
-from nbdguard.errors import NbdguardError
+from nbdguard.config import Config, ExportConfig
+from nbdguard.errors import ChainRefused, ExportOpenError, NbdguardError
 from nbdguard.guard.sector0 import Sector0Guard
 from nbdguard.observability.http import OperatorEndpoint
 from nbdguard.observability.logging import get_logger
@@ -73,34 +73,70 @@ class Server:
         self.log.info("server.listening", address=addresses, socket_activated=activated)
 
     def _open_exports(self) -> list[Export]:
+        """Open what can be opened; a refused export is logged, counted and reported by
+        /healthz, while the others are served. With nothing to serve, fail."""
         opened: list[Export] = []
         try:
             for export_config in self.config.exports:
-                metrics = self.metrics.for_export(
-                    export_config.name, per_request=self.config.server.request_metrics
-                )
-                export = open_export(export_config, metrics)
-                opened.append(export)
-                metrics.opened(
-                    size=export.info.size,
-                    fmt=export_config.format,
-                    read_only=export_config.read_only,
-                    header_guard=export_config.header_guard,
-                )
-                self._report_existing_header(export)
-                self.log.info(
-                    "export.opened",
-                    export=export.name,
-                    path=str(export_config.path),
-                    format=export_config.format,
-                    size=export.info.size,
-                    read_only=export_config.read_only,
-                )
-        except NbdguardError:
+                export = self._open_export(export_config)
+                if export is not None:
+                    opened.append(export)
+        except BaseException:
             for export in opened:
                 export.close()
             raise
+        if not opened:
+            raise NbdguardError("no export could be opened")
         return opened
+
+    def _open_export(self, export_config: ExportConfig) -> Export | None:
+        metrics = self.metrics.for_export(
+            export_config.name, per_request=self.config.server.request_metrics
+        )
+        try:
+            export = open_export(export_config, metrics)
+        except ExportOpenError as err:
+            self._report_refusal(export_config, err)
+            return None
+        metrics.opened(
+            size=export.info.size,
+            fmt=export_config.format,
+            read_only=export_config.read_only,
+            header_guard=export_config.header_guard,
+        )
+        self._report_existing_header(export)
+        self.log.info(
+            "export.opened",
+            export=export.name,
+            path=str(export_config.path),
+            format=export_config.format,
+            size=export.info.size,
+            read_only=export_config.read_only,
+        )
+        return export
+
+    def _report_refusal(self, export_config: ExportConfig, err: ExportOpenError) -> None:
+        name = export_config.name
+        self.metrics.export_up.labels(export=name).set(0)
+        if isinstance(err, ChainRefused):
+            self.metrics.chain_refused.labels(export=name, reason=err.reason).inc()
+            self.log.error(
+                "chain.refused",
+                export=name,
+                layer=err.layer,
+                path=err.path,
+                reason=err.reason,
+                detail=err.detail,
+                message=str(err),
+            )
+            return
+        self.log.error(
+            "export.refused",
+            export=name,
+            path=str(export_config.path),
+            reason=err.reason,
+            message=str(err),
+        )
 
     def _report_existing_header(self, export: Export) -> None:
         if not isinstance(export.device, Sector0Guard):

@@ -7,12 +7,14 @@ the export's lifetime. Nothing here looks at file contents to decide a format.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from nbdguard.errors import ExportOpenError
+from nbdguard.errors import ChainRefused
 from nbdguard.storage.locks import LockConflict, lock_image
 
 
@@ -25,38 +27,53 @@ class OpenedFile:
     size: int
     block_device: bool
     read_only: bool
+    identity: tuple[int, int]  # (st_dev, st_ino): the same file reached twice is a cycle
 
     def close(self) -> None:
         os.close(self.fd)
 
 
-def open_pinned(path: Path, *, read_only: bool, export: str) -> OpenedFile:
-    """Open an image for an export, or raise ExportOpenError saying exactly why not."""
+def open_pinned(
+    path: Path,
+    *,
+    read_only: bool,
+    export: str,
+    layer: int = 0,
+    regular_only: bool = False,
+    lock: bool = True,
+) -> OpenedFile:
+    """Open one file of an export's chain, or raise ChainRefused saying exactly why not.
+
+    O_NONBLOCK keeps a FIFO from blocking the open; the descriptor is then refused
+    as not a regular file. Block devices are accepted unless `regular_only`. `lock=False`
+    is for inspecting an image that may be in use, never for serving it.
+    """
     resolved = Path(os.path.realpath(path))
-    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW
+    flags = os.O_RDONLY if read_only else os.O_RDWR
+    flags |= os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
         fd = os.open(resolved, flags)
     except OSError as err:
-        raise _refusal(export, path, err.strerror or str(err)) from err
+        reason = "not_regular_file" if err.errno == errno.EISDIR else "open_failed"
+        raise ChainRefused(export, layer, str(path), reason, err.strerror or str(err)) from err
     try:
-        return _check_and_lock(fd, resolved, read_only=read_only, export=export)
+        info = os.fstat(fd)
+        block_device = stat.S_ISBLK(info.st_mode)
+        if not (stat.S_ISREG(info.st_mode) or (block_device and not regular_only)):
+            wanted = "a regular file" if regular_only else "a regular file or block device"
+            raise ChainRefused(export, layer, str(resolved), "not_regular_file", f"not {wanted}")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        if lock:
+            _lock(fd, resolved, read_only=read_only, export=export, layer=layer)
+        size = os.lseek(fd, 0, os.SEEK_END) if block_device else info.st_size
     except BaseException:
         os.close(fd)
         raise
+    return OpenedFile(resolved, fd, size, block_device, read_only, (info.st_dev, info.st_ino))
 
 
-def _check_and_lock(fd: int, resolved: Path, *, read_only: bool, export: str) -> OpenedFile:
-    info = os.fstat(fd)
-    block_device = stat.S_ISBLK(info.st_mode)
-    if not (stat.S_ISREG(info.st_mode) or block_device):
-        raise _refusal(export, resolved, "not a regular file or block device")
+def _lock(fd: int, resolved: Path, *, read_only: bool, export: str, layer: int) -> None:
     try:
         lock_image(fd, writable=not read_only)
     except LockConflict as err:
-        raise _refusal(export, resolved, str(err)) from err
-    size = os.lseek(fd, 0, os.SEEK_END) if block_device else info.st_size
-    return OpenedFile(resolved, fd, size, block_device, read_only)
-
-
-def _refusal(export: str, path: Path, reason: str) -> ExportOpenError:
-    return ExportOpenError(f"export {export!r}: cannot open {str(path)!r}: {reason}")
+        raise ChainRefused(export, layer, str(resolved), "locked", str(err)) from err

@@ -1,41 +1,75 @@
-"""Build an export's layer stack from its config: pinned storage, format driver, guard."""
+"""Build an export's layer stack from its config: pinned chain, format drivers, guard."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from nbdguard.config import ExportConfig
-from nbdguard.errors import ExportOpenError
+from nbdguard.errors import ChainRefused, ExportOpenError
 from nbdguard.guard.sector0 import GuardPolicy, Sector0Guard
+from nbdguard.storage.chain import Chain, ChainLayer, resolve_chain
 from nbdguard.storage.device import BlockDevice
 from nbdguard.storage.locks import sector_lock
-from nbdguard.storage.pinned import open_pinned
+from nbdguard.storage.qcow2.hostfile import HostFile
+from nbdguard.storage.qcow2.image import Qcow2Image
 from nbdguard.storage.raw import RawImage
 
 
 def build_device(config: ExportConfig, *, on_rmw: Callable[[], None] | None = None) -> BlockDevice:
     """Open the export's stack; refuse (ExportOpenError) anything that is not safe to serve."""
-    if config.format != "raw":
-        raise ExportOpenError(
-            f"export {config.name!r}: format {config.format!r} is not supported by this build"
-        )
-    opened = open_pinned(config.path, read_only=config.read_only, export=config.name)
-    raw = RawImage(opened)
-    if config.header_guard == "off":
-        return raw
+    chain = resolve_chain(config)
+    try:
+        device = chain_device(chain)
+    except BaseException:
+        chain.close()
+        raise
+    if config.format != "raw" or config.header_guard == "off":
+        return device
+    return _guarded(config, device, chain.layers[0], on_rmw)
+
+
+def chain_device(chain: Chain) -> BlockDevice:
+    """Format drivers stacked bottom-up over the chain's open files."""
+    device: BlockDevice | None = None
+    for layer in reversed(chain.layers):
+        device = RawImage(layer.file) if layer.format == "raw" else _qcow2(chain, layer, device)
+    assert device is not None
+    return device
+
+
+def _qcow2(chain: Chain, layer: ChainLayer, backing: BlockDevice | None) -> Qcow2Image:
+    assert layer.header is not None
+    host = HostFile(layer.file)
+    data = HostFile(layer.data_file) if layer.data_file is not None else None
+    try:
+        return Qcow2Image(layer.header, host, data, backing, on_close=layer.close)
+    except OSError as err:
+        host.close()
+        if data is not None:
+            data.close()
+        raise ChainRefused(
+            chain.export, layer.index, str(layer.file.path), "bad_header", str(err)
+        ) from err
+
+
+def _guarded(
+    config: ExportConfig,
+    raw: BlockDevice,
+    layer: ChainLayer,
+    on_rmw: Callable[[], None] | None,
+) -> BlockDevice:
     policy = GuardPolicy(config.header_guard, config.allow_headers)
+    fd = layer.file.fd
     guard = Sector0Guard(
-        raw,
-        policy,
-        file_lock=lambda: sector_lock(opened.fd),
-        on_rmw=on_rmw or (lambda: None),
+        raw, policy, file_lock=lambda: sector_lock(fd), on_rmw=on_rmw or (lambda: None)
     )
     existing = guard.existing_header()
     if existing is not None and config.on_existing_header == "refuse":
         guard.close()
         raise ExportOpenError(
-            f"export {config.name!r}: sector 0 of {str(opened.path)!r} already holds a "
+            f"export {config.name!r}: sector 0 of {str(layer.file.path)!r} already holds a "
             f"{existing} header (header_guard = {config.header_guard!r}, "
-            'on_existing_header = "refuse")'
+            'on_existing_header = "refuse")',
+            reason="existing_header",
         )
     return guard

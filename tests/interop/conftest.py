@@ -41,6 +41,11 @@ class ExportSpec:
     read_only: bool = False
     fill: bytes = b""  # written at offset 0 before the server starts
     extra: dict[str, object] = field(default_factory=dict)
+    image: Path | None = None  # an existing image to serve; None: create NAME.raw of `size`
+    format: str = "raw"
+
+    def image_path(self, directory: Path) -> Path:
+        return self.image or directory / f"{self.name or 'default'}.raw"
 
 
 @dataclass
@@ -100,6 +105,8 @@ def _toml_value(value: object) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 
@@ -115,8 +122,8 @@ def write_config(directory: Path, exports: list[ExportSpec], port: int, **server
             "",
             "[[exports]]",
             f"name = {_toml_value(spec.name)}",
-            f'path = "{spec.name or "default"}.raw"',
-            'format = "raw"',
+            f"path = {_toml_value(str(spec.image_path(directory)))}",
+            f"format = {_toml_value(spec.format)}",
             f"read_only = {_toml_value(spec.read_only)}",
             f"description = {_toml_value('test export ' + spec.name)}",
         ]
@@ -137,10 +144,11 @@ def start_server(
         server["metrics_listen"] = f"127.0.0.1:{metrics_port}"
     images = {}
     for spec in exports:
-        image = directory / f"{spec.name or 'default'}.raw"
-        with open(image, "wb") as handle:
-            handle.truncate(spec.size)
-            handle.write(spec.fill)
+        image = spec.image_path(directory)
+        if spec.image is None:
+            with open(image, "wb") as handle:
+                handle.truncate(spec.size)
+                handle.write(spec.fill)
         images[spec.name] = image
     port = free_port()
     config = write_config(directory, exports, port, **server)

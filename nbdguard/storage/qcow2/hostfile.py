@@ -1,0 +1,62 @@
+"""Byte access to one file of a qcow2 layer (the image itself or its external data file).
+
+Read-only files are mapped, so reads of base layers are zero-copy slices exactly like raw
+exports. A writable file grows as clusters are allocated, so it is read with pread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+
+from nbdguard.storage.device import Buffer
+from nbdguard.storage.pinned import OpenedFile
+
+
+class HostFile:
+    def __init__(self, file: OpenedFile) -> None:
+        self.file = file
+        self.fd = file.fd
+        self.size = file.size
+        self._map: mmap.mmap | None = None
+        self._view = memoryview(b"")
+        if file.read_only and file.size:
+            self._map = mmap.mmap(file.fd, file.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            self._view = memoryview(self._map)
+
+    def read(self, offset: int, length: int) -> Buffer:
+        """`length` bytes at `offset`; bytes past the end of the file read as zeros."""
+        if offset + length <= len(self._view):
+            return self._view[offset : offset + length]
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def read_into(self, target: memoryview, offset: int) -> None:
+        if offset + len(target) <= len(self._view):
+            target[:] = self._view[offset : offset + len(target)]
+            return
+        got = os.preadv(self.fd, [target], offset)
+        if got < len(target):
+            target[got:] = bytes(len(target) - got)
+
+    def write(self, data: Buffer, offset: int) -> None:
+        view = memoryview(data)
+        end = offset + len(view)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view = view[written:]
+            offset += written
+        self.size = max(self.size, end)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self._view.release()
+        if self._map is not None:
+            with contextlib.suppress(BufferError):
+                self._map.close()

@@ -1,0 +1,543 @@
+"""A qcow2 layer as a BlockDevice: guest reads and writes mapped through L1/L2 tables.
+
+Reads walk the mapping once per request and coalesce runs: a run of host-contiguous data,
+or of clusters this layer does not hold (read from the backing device in one call), is one
+read; a request that maps to a single such run is returned zero-copy. Writes go in place
+only to clusters this layer owns alone (COPIED); anything else (unallocated, zero,
+compressed, shared with a snapshot) gets a new cluster filled with the current guest view
+around the written bytes. Metadata changes stay in memory until a flush writes them in the
+order that keeps the image consistent after a crash (see `refcounts.py`).
+
+All public methods take one lock: `flush` runs in a worker thread and must not interleave
+with a request mutating the tables.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable
+
+from nbdguard.storage.device import DATA, HOLE_ZERO, BlockDevice, Buffer, Capabilities, Extent
+from nbdguard.storage.qcow2.compressed import compressed_extent, host_clusters, inflate
+from nbdguard.storage.qcow2.header import AUTOCLEAR_OFFSET, MAX_HOST_OFFSET, Qcow2Header
+from nbdguard.storage.qcow2.hostfile import HostFile
+from nbdguard.storage.qcow2.refcounts import Refcounts, load_table, table_bytes
+
+OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
+COPIED = 1 << 63
+COMPRESSED = 1 << 62
+DESCRIPTOR_MASK = (1 << 62) - 1
+ZERO_FLAG = 1
+ALL_SUBCLUSTERS = 0xFFFF_FFFF
+ALL_ZERO_SUBCLUSTERS = ALL_SUBCLUSTERS << 32
+SUBCLUSTERS = 32
+
+# What a run of guest bytes maps to
+KIND_DATA, KIND_ZERO, KIND_BACKING, KIND_COMPRESSED = range(4)
+Segment = tuple[int, int, int, int]  # (kind, guest offset, length, host offset or descriptor)
+
+L2_CACHE_BYTES = 32 << 20
+BLOCK_STATUS_CLUSTERS = 16384  # clusters examined per BLOCK_STATUS request at most
+ZERO_CHUNK = 1 << 20
+
+
+class Qcow2Image(BlockDevice):
+    def __init__(
+        self,
+        header: Qcow2Header,
+        host: HostFile,
+        data: HostFile | None,
+        backing: BlockDevice | None,
+        *,
+        on_close: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.header = header
+        self.host = host
+        self.data = data or host
+        self.external_data = data is not None
+        self.backing = backing
+        self._on_close = on_close
+        self.size = header.size
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.l2_bits = header.l2_entries.bit_length() - 1
+        self.l2_mask = header.l2_entries - 1
+        self.extended = header.extended_l2
+        self.words = 2 if self.extended else 1
+        self.subcluster_bits = self.cluster_bits - 5
+        self.zero_flag = header.version >= 3 and not self.extended
+        self.l1 = load_table(host, header.l1_table_offset, header.l1_size * 8)
+        self.l1_dirty = False
+        self._l2: OrderedDict[int, array[int]] = OrderedDict()
+        self._l2_dirty: set[int] = set()
+        self._l2_limit = max(16, L2_CACHE_BYTES // self.cluster_size)
+        self._inflated: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.RLock()
+        writable = not host.file.read_only
+        self.refcounts = Refcounts(host, header) if writable else None
+        self.capabilities = Capabilities(
+            read_only=not writable,
+            multi_conn=True,
+            fast_zero=header.version >= 3,
+            sparse_reads=True,
+        )
+        if writable and header.autoclear:
+            # The spec: a writer that does not maintain an autoclear feature (bitmaps, raw
+            # data file) clears its bit before the first write, so readers stop trusting it.
+            host.write(bytes(8), AUTOCLEAR_OFFSET)
+            host.sync()
+
+    # Mapping
+
+    def _table(self, offset: int) -> array[int]:
+        table = self._l2.get(offset)
+        if table is not None:
+            self._l2.move_to_end(offset)
+            return table
+        if offset % self.cluster_size or offset > MAX_HOST_OFFSET:
+            raise OSError(errno.EIO, f"L2 table offset {offset:#x} is invalid")
+        table = load_table(self.host, offset, self.cluster_size)
+        self._l2[offset] = table
+        return table
+
+    def _trim_cache(self) -> None:
+        """Bound the L2 cache; called only between requests, when no table is in use."""
+        if len(self._l2) <= self._l2_limit:
+            return
+        if self._l2_dirty:
+            self._flush_locked()
+        while len(self._l2) > self._l2_limit // 2:
+            self._l2.popitem(last=False)
+
+    def _entry(self, cluster: int) -> tuple[int, int]:
+        index = cluster >> self.l2_bits
+        if index >= len(self.l1):
+            return 0, 0
+        offset = self.l1[index] & OFFSET_MASK
+        if not offset:
+            return 0, 0
+        table = self._table(offset)
+        slot = (cluster & self.l2_mask) * self.words
+        return table[slot], table[slot + 1] if self.extended else 0
+
+    def _host_of(self, word: int) -> int:
+        host = word & OFFSET_MASK
+        if host & (self.cluster_size - 1):
+            raise OSError(errno.EIO, f"data cluster offset {host:#x} is not cluster-aligned")
+        return host
+
+    def _allocated(self, word: int) -> bool:
+        """A standard descriptor with a host cluster (offset 0 is valid with a data file)."""
+        return bool(word & OFFSET_MASK) or (self.external_data and bool(word & COPIED))
+
+    def _segments(self, offset: int, length: int) -> list[Segment]:
+        """Map guest bytes to coalesced runs of one kind."""
+        segments: list[Segment] = []
+        end = offset + length
+        position = offset
+        while position < end:
+            cluster = position >> self.cluster_bits
+            within = position & (self.cluster_size - 1)
+            count = min(self.cluster_size - within, end - position)
+            word, bitmap = self._entry(cluster)
+            if word & COMPRESSED:
+                _append(segments, (KIND_COMPRESSED, position, count, word & DESCRIPTOR_MASK))
+            elif self.extended:
+                self._subcluster_segments(segments, position, count, word, bitmap)
+            elif self.zero_flag and word & ZERO_FLAG:
+                _append(segments, (KIND_ZERO, position, count, 0))
+            elif self._allocated(word):
+                _append(segments, (KIND_DATA, position, count, self._host_of(word) + within))
+            else:
+                _append(segments, (KIND_BACKING, position, count, 0))
+            position += count
+        return segments
+
+    def _subcluster_segments(
+        self, segments: list[Segment], position: int, count: int, word: int, bitmap: int
+    ) -> None:
+        host = self._host_of(word)
+        end = position + count
+        size = 1 << self.subcluster_bits
+        while position < end:
+            within = position & (self.cluster_size - 1)
+            sub = within >> self.subcluster_bits
+            piece = min(size - (within & (size - 1)), end - position)
+            if bitmap >> sub & 1:
+                if not self._allocated(word):
+                    raise OSError(errno.EIO, "allocated subcluster without a host cluster")
+                _append(segments, (KIND_DATA, position, piece, host + within))
+            elif bitmap >> (sub + SUBCLUSTERS) & 1:
+                _append(segments, (KIND_ZERO, position, piece, 0))
+            else:
+                _append(segments, (KIND_BACKING, position, piece, 0))
+            position += piece
+
+    # Reads
+
+    def pread(self, offset: int, length: int) -> Buffer:
+        with self._lock:
+            self._trim_cache()
+            segments = self._segments(offset, length)
+            if len(segments) == 1:
+                kind, _, _, host = segments[0]
+                if kind == KIND_DATA:
+                    return self.data.read(host, length)
+                if kind == KIND_BACKING and self.backing and offset + length <= self.backing.size:
+                    return self.backing.pread(offset, length)
+            out = bytearray(length)
+            view = memoryview(out)
+            for kind, position, count, host in segments:
+                target = view[position - offset : position - offset + count]
+                self._fill(target, kind, position, host)
+            return out
+
+    def _fill(self, target: memoryview, kind: int, position: int, host: int) -> None:
+        if kind == KIND_DATA:
+            self.data.read_into(target, host)
+        elif kind == KIND_BACKING:
+            self._read_backing_into(target, position)
+        elif kind == KIND_COMPRESSED:
+            within = position & (self.cluster_size - 1)
+            target[:] = self._inflate(host)[within : within + len(target)]
+        # KIND_ZERO: the buffer is already zeros
+
+    def _read_backing_into(self, target: memoryview, position: int) -> None:
+        if self.backing is None or position >= self.backing.size:
+            return
+        count = min(len(target), self.backing.size - position)
+        target[:count] = self.backing.pread(position, count)
+
+    def _inflate(self, descriptor: int) -> bytes:
+        cluster = self._inflated.get(descriptor)
+        if cluster is None:
+            extent = compressed_extent(descriptor, self.cluster_bits)
+            raw = bytes(self.host.read(extent.offset, extent.length))
+            cluster = inflate(raw, self.cluster_size, self.header.compression_type)
+            self._inflated[descriptor] = cluster
+            if len(self._inflated) > 8:
+                self._inflated.popitem(last=False)
+        return cluster
+
+    # Writes
+
+    def pwrite(self, data: Buffer, offset: int) -> None:
+        with self._lock:
+            self._trim_cache()
+            self._write(memoryview(data).cast("B"), offset)
+
+    def _write(self, view: memoryview, offset: int) -> None:
+        """Write table by table: each L2 table is made writable once per request."""
+        span = 1 << (self.l2_bits + self.cluster_bits)
+        done = 0
+        while done < len(view):
+            position = offset + done
+            stop = min(offset + len(view), (position // span + 1) * span)
+            table_offset, table = self._writable_table(
+                position >> (self.l2_bits + self.cluster_bits)
+            )
+            if self._write_in_table(table, view[done : stop - offset], position):
+                self._l2_dirty.add(table_offset)
+            done = stop - offset
+
+    def _in_place(self, word: int, bitmap: int) -> bool:
+        if not word & COPIED or word & COMPRESSED or not self._allocated(word):
+            return False
+        if self.extended:
+            return bitmap & ALL_SUBCLUSTERS == ALL_SUBCLUSTERS
+        return not (self.zero_flag and word & ZERO_FLAG)
+
+    def _write_in_table(self, table: array[int], view: memoryview, offset: int) -> bool:
+        """Write one table's share of a request; True if entries of the table changed."""
+        changed = False
+        first = offset >> self.cluster_bits
+        last = (offset + len(view) - 1) >> self.cluster_bits
+        cluster = first
+        while cluster <= last:
+            slot = (cluster & self.l2_mask) * self.words
+            word = table[slot]
+            bitmap = table[slot + 1] if self.extended else 0
+            in_place = self._in_place(word, bitmap)
+            stop = cluster + 1
+            while stop <= last and self._in_place(*self._words(table, stop)) == in_place:
+                if in_place and self._host_of(table[(stop & self.l2_mask) * self.words]) != (
+                    self._host_of(word) + ((stop - cluster) << self.cluster_bits)
+                ):
+                    break
+                stop += 1
+            start_byte = max(offset, cluster << self.cluster_bits)
+            stop_byte = min(offset + len(view), stop << self.cluster_bits)
+            piece = view[start_byte - offset : stop_byte - offset]
+            if in_place:
+                within = start_byte & (self.cluster_size - 1)
+                self.data.write(piece, self._host_of(word) + within)
+            else:
+                self._write_new_clusters(table, cluster, stop, piece, start_byte)
+                changed = True
+            cluster = stop
+        return changed
+
+    def _words(self, table: array[int], cluster: int) -> tuple[int, int]:
+        slot = (cluster & self.l2_mask) * self.words
+        return table[slot], table[slot + 1] if self.extended else 0
+
+    def _write_new_clusters(
+        self, table: array[int], first: int, stop: int, piece: memoryview, start_byte: int
+    ) -> None:
+        """Give clusters [first, stop) fresh host clusters holding guest view + new bytes."""
+        count = stop - first
+        base = first << self.cluster_bits
+        buffer = bytearray(count << self.cluster_bits)
+        head = start_byte - base
+        tail = head + len(piece)
+        if head:
+            self._guest_cluster_into(buffer, 0, first)
+        if tail < len(buffer) and not (count == 1 and head):
+            last = stop - 1
+            self._guest_cluster_into(buffer, (last - first) << self.cluster_bits, last)
+        buffer[head:tail] = piece
+        host = self._allocate_data(first, count)
+        self.data.write(buffer, host)
+        for index in range(count):
+            slot = ((first + index) & self.l2_mask) * self.words
+            self._release(table[slot])
+            table[slot] = (host + (index << self.cluster_bits)) | COPIED
+            if self.extended:
+                table[slot + 1] = ALL_SUBCLUSTERS
+
+    def _guest_cluster_into(self, buffer: bytearray, at: int, cluster: int) -> None:
+        position = cluster << self.cluster_bits
+        count = min(self.cluster_size, self.size - position)
+        if count > 0:
+            buffer[at : at + count] = self.pread(position, count)
+
+    def _allocate_data(self, first: int, count: int) -> int:
+        if self.external_data:
+            return first << self.cluster_bits  # host offset == guest offset, not refcounted
+        assert self.refcounts is not None
+        return self.refcounts.allocate(count)
+
+    def _release(self, word: int) -> None:
+        """Drop this layer's reference to what an entry pointed at (applied after a flush)."""
+        assert self.refcounts is not None
+        if word & COMPRESSED:
+            extent = compressed_extent(word & DESCRIPTOR_MASK, self.cluster_bits)
+            for cluster in host_clusters(extent, self.cluster_bits):
+                self.refcounts.free_later(cluster << self.cluster_bits, 1)
+        elif not self.external_data and word & OFFSET_MASK:
+            self.refcounts.free_later(self._host_of(word), 1)
+
+    def _writable_table(self, index: int) -> tuple[int, array[int]]:
+        """The L2 table for L1 entry `index`, owned by the active L1 alone (copy if shared)."""
+        assert self.refcounts is not None
+        if index >= len(self.l1):
+            raise OSError(errno.EIO, "write beyond the L1 table")
+        entry = self.l1[index]
+        old = entry & OFFSET_MASK
+        if old and entry & COPIED:
+            return old, self._table(old)
+        table = array("Q", self._table(old)) if old else array("Q", bytes(self.cluster_size))
+        new = self.refcounts.allocate(1)
+        if old:
+            self.refcounts.free_later(old, 1)
+            self._l2.pop(old, None)
+        self._l2[new] = table
+        self._l2_dirty.add(new)
+        self.l1[index] = new | COPIED
+        self.l1_dirty = True
+        return new, table
+
+    # Zeroing
+
+    def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
+        with self._lock:
+            self._trim_cache()
+            if self.header.version < 3:
+                self._zero_v2(offset, length, may_trim=may_trim, fast=fast)
+                return
+            first, stop = self._whole_clusters(offset, length)
+            self._zero_edges(offset, length, first, stop, fast=fast)
+            self._zero_clusters(first, stop, discard=may_trim)
+
+    def trim(self, offset: int, length: int) -> None:
+        with self._lock:
+            self._trim_cache()
+            first, stop = self._whole_clusters(offset, length)
+            if self.header.version >= 3:
+                self._zero_clusters(first, stop, discard=True)
+            elif self.backing is None:
+                self._unmap_clusters(first, stop)
+            # v2 with a backing file: nothing may expose the backing data; TRIM is advisory.
+
+    def _whole_clusters(self, offset: int, length: int) -> tuple[int, int]:
+        """The clusters the range covers entirely (the image's last, short cluster counts)."""
+        first = -(-offset >> self.cluster_bits)
+        end = offset + length
+        stop = -(-self.size >> self.cluster_bits) if end >= self.size else end >> self.cluster_bits
+        return first, max(first, stop)
+
+    def _zero_edges(self, offset: int, length: int, first: int, stop: int, *, fast: bool) -> None:
+        end = offset + length
+        if first >= stop:
+            pieces = [(offset, length)]
+        else:
+            pieces = [
+                (offset, (first << self.cluster_bits) - offset),
+                (stop << self.cluster_bits, end - (stop << self.cluster_bits)),
+            ]
+        pieces = [(start, count) for start, count in pieces if count > 0]
+        if pieces and fast:
+            raise OSError(errno.ENOTSUP, "zeroing part of a cluster would not be fast")
+        for start, count in pieces:
+            self._write(memoryview(bytes(count)), start)
+
+    def _zero_clusters(self, first: int, stop: int, *, discard: bool) -> None:
+        cluster = first
+        while cluster < stop:
+            index = cluster >> self.l2_bits
+            table_end = min(stop, (index + 1) << self.l2_bits)
+            if self.backing is None and not self.l1[index] & OFFSET_MASK:
+                cluster = table_end  # unallocated without a backing file already reads zeros
+                continue
+            table_offset, table = self._writable_table(index)
+            for each in range(cluster, table_end):
+                self._zero_entry(table, (each & self.l2_mask) * self.words, discard=discard)
+            self._l2_dirty.add(table_offset)
+            cluster = table_end
+
+    def _zero_entry(self, table: array[int], slot: int, *, discard: bool) -> None:
+        word = table[slot]
+        keep = not discard and word & COPIED and not word & COMPRESSED and self._allocated(word)
+        if not keep:
+            self._release(word)
+        host = (word & OFFSET_MASK) | COPIED if keep else 0
+        if self.extended:
+            table[slot] = host
+            table[slot + 1] = ALL_ZERO_SUBCLUSTERS
+        elif self.backing is None and not keep:
+            table[slot] = 0
+        else:
+            table[slot] = host | ZERO_FLAG
+
+    def _zero_v2(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
+        if fast:
+            raise OSError(errno.ENOTSUP, "qcow2 version 2 has no zero clusters")
+        first, stop = self._whole_clusters(offset, length)
+        if may_trim and self.backing is None and first < stop:
+            self._zero_edges(offset, length, first, stop, fast=False)
+            self._unmap_clusters(first, stop)
+            return
+        position = offset
+        while position < offset + length:
+            count = min(ZERO_CHUNK, offset + length - position)
+            self._write(memoryview(bytes(count)), position)
+            position += count
+
+    def _unmap_clusters(self, first: int, stop: int) -> None:
+        for cluster in range(first, stop):
+            index = cluster >> self.l2_bits
+            if not self.l1[index] & OFFSET_MASK:
+                continue
+            table_offset, table = self._writable_table(index)
+            slot = (cluster & self.l2_mask) * self.words
+            self._release(table[slot])
+            table[slot] = 0
+            self._l2_dirty.add(table_offset)
+
+    # Durability
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        """Refcounts, then L2 tables, then L1 — each durable before the next refers to it."""
+        if self.refcounts is None:
+            return
+        if self.external_data and self._l2_dirty:
+            self.data.sync()
+        self.refcounts.write_increments()
+        for offset in sorted(self._l2_dirty):
+            self.host.write(table_bytes(self._l2[offset]), offset)
+        wrote_tables = bool(self._l2_dirty)
+        self._l2_dirty.clear()
+        if self.l1_dirty:
+            if wrote_tables:
+                self.host.sync()
+            self.host.write(table_bytes(self.l1), self.header.l1_table_offset)
+            self.l1_dirty = False
+        self.host.sync()
+        self.refcounts.apply_frees()
+
+    def cache(self, offset: int, length: int) -> None:
+        """Advisory; the host page cache already serves repeated reads."""
+
+    # Block status
+
+    def block_status(self, offset: int, length: int, max_extents: int) -> list[Extent]:
+        with self._lock:
+            self._trim_cache()
+            length = min(length, BLOCK_STATUS_CLUSTERS << self.cluster_bits)
+            extents: list[Extent] = []
+            for kind, position, count, _ in self._segments(offset, length):
+                if kind == KIND_BACKING:
+                    self._backing_status(extents, position, count, max_extents)
+                else:
+                    _add_extent(extents, count, HOLE_ZERO if kind == KIND_ZERO else DATA)
+                if len(extents) > max_extents:
+                    break
+            return extents[:max_extents]
+
+    def _backing_status(self, extents: list[Extent], position: int, count: int, limit: int) -> None:
+        end = position + count
+        backing_end = min(end, self.backing.size) if self.backing is not None else position
+        while position < backing_end and len(extents) <= limit:
+            assert self.backing is not None
+            for reported, flags in self.backing.block_status(
+                position, backing_end - position, limit
+            ):
+                length = min(reported, backing_end - position)
+                _add_extent(extents, length, flags)
+                position += length
+                if position >= backing_end:
+                    break
+        if position < end and len(extents) <= limit:
+            _add_extent(extents, end - max(position, backing_end), HOLE_ZERO)
+
+    def close(self) -> None:
+        try:
+            if self.refcounts is not None:
+                with self._lock:
+                    self._flush_locked()
+        finally:
+            self.host.close()
+            if self.external_data:
+                self.data.close()
+            if self.backing is not None:
+                self.backing.close()
+            self._on_close()
+
+
+def _append(segments: list[Segment], segment: Segment) -> None:
+    """Append, merging with the previous run when it continues it."""
+    if segments:
+        kind, position, count, host = segments[-1]
+        # Compressed clusters are never merged: each inflates on its own.
+        if (
+            kind == segment[0] != KIND_COMPRESSED
+            and position + count == segment[1]
+            and (kind != KIND_DATA or host + count == segment[3])
+        ):
+            segments[-1] = (kind, position, count + segment[2], host)
+            return
+    segments.append(segment)
+
+
+def _add_extent(extents: list[Extent], length: int, flags: int) -> None:
+    if extents and extents[-1][1] == flags:
+        extents[-1] = (extents[-1][0] + length, flags)
+    else:
+        extents.append((length, flags))

@@ -1,0 +1,210 @@
+"""Cluster reference counts of a writable qcow2 image, and cluster allocation.
+
+Changes are made in memory and written by `write_increments` (refcount blocks, then the
+table, then — if the table moved — the header) before any L2/L1 entry that needs them, so
+on disk a refcount is never lower than the number of references to its cluster: a crash
+leaves at most leaked clusters. Decrements wait in `pending_frees` until the entries that
+referenced the clusters are durably gone (`apply_frees`), and a cluster is reused only
+after that.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from array import array
+
+from nbdguard.storage.qcow2.header import MAX_HOST_OFFSET, MAX_REFCOUNT_TABLE_BYTES, Qcow2Header
+from nbdguard.storage.qcow2.hostfile import HostFile
+
+TABLE_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
+_HEADER_TABLE_FIELDS = struct.Struct(">QI")  # refcount_table_offset, refcount_table_clusters
+_HEADER_TABLE_OFFSET = 48
+
+
+def load_table(host: HostFile, offset: int, length: int) -> array[int]:
+    """A big-endian u64 table as native ints."""
+    table = array("Q", bytes(host.read(offset, length)))
+    if struct.pack("=H", 1) != struct.pack(">H", 1):
+        table.byteswap()
+    return table
+
+
+def table_bytes(table: array[int]) -> bytes:
+    if struct.pack("=H", 1) == struct.pack(">H", 1):
+        return table.tobytes()
+    copy = array("Q", table)
+    copy.byteswap()
+    return copy.tobytes()
+
+
+class Refcounts:
+    def __init__(self, host: HostFile, header: Qcow2Header) -> None:
+        self.host = host
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.bits = 1 << header.refcount_order
+        self.max_value = (1 << self.bits) - 1
+        self.per_block = self.cluster_size * 8 // self.bits
+        self.table_offset = header.refcount_table_offset
+        self.table_clusters = header.refcount_table_clusters
+        self.table = load_table(host, self.table_offset, self.table_clusters * self.cluster_size)
+        self.blocks: dict[int, bytearray] = {}
+        self.dirty_blocks: set[int] = set()
+        self.table_dirty = False
+        self.table_moved_from: tuple[int, int] | None = None  # old (offset, clusters)
+        self.pending_frees: list[tuple[int, int]] = []  # (host offset, clusters)
+        self.free_hint = 1  # no free cluster below this one
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.dirty_blocks) or self.table_dirty
+
+    # Reading and writing single counts
+
+    def _block(self, index: int) -> bytearray | None:
+        block = self.blocks.get(index)
+        if block is None:
+            offset = self.table[index] & TABLE_OFFSET_MASK if index < len(self.table) else 0
+            if offset == 0:
+                return None
+            if offset % self.cluster_size or offset > MAX_HOST_OFFSET:
+                raise OSError(errno.EIO, f"refcount block offset {offset:#x} is invalid")
+            block = bytearray(self.host.read(offset, self.cluster_size))
+            self.blocks[index] = block
+        return block
+
+    def get(self, cluster: int) -> int:
+        index, slot = divmod(cluster, self.per_block)
+        block = self._block(index)
+        if block is None:
+            return 0
+        return self._read_slot(block, slot)
+
+    def _read_slot(self, block: bytearray, slot: int) -> int:
+        if self.bits >= 8:
+            width = self.bits // 8
+            return int.from_bytes(block[slot * width : (slot + 1) * width], "big")
+        bit = slot * self.bits
+        return (block[bit >> 3] >> (bit & 7)) & self.max_value
+
+    def _write_slot(self, block: bytearray, slot: int, value: int) -> None:
+        if self.bits >= 8:
+            width = self.bits // 8
+            block[slot * width : (slot + 1) * width] = value.to_bytes(width, "big")
+            return
+        bit = slot * self.bits
+        shift = bit & 7
+        byte = block[bit >> 3] & ~(self.max_value << shift) & 0xFF
+        block[bit >> 3] = byte | (value << shift)
+
+    def set(self, cluster: int, value: int) -> None:
+        if not 0 <= value <= self.max_value:
+            raise OSError(errno.EIO, f"refcount of cluster {cluster} would overflow")
+        index, slot = divmod(cluster, self.per_block)
+        if index >= len(self.table):
+            self._grow_table(index + 1)
+        block = self._block(index)
+        if block is None:
+            block = self._new_block(index)
+        self._write_slot(block, slot, value)
+        self.dirty_blocks.add(index)
+
+    def add(self, cluster: int, delta: int) -> None:
+        self.set(cluster, self.get(cluster) + delta)
+
+    # Allocation
+
+    def _find_free(self, count: int) -> int:
+        """The first cluster of `count` consecutive free clusters at or after the hint."""
+        start = self.free_hint
+        while True:
+            run = 0
+            while run < count and self.get(start + run) == 0:
+                run += 1
+            if run == count:
+                return start
+            start += run + 1
+
+    def allocate(self, count: int) -> int:
+        """Reserve `count` contiguous clusters with refcount 1; return the host offset."""
+        start = self._find_free(count)
+        if (start + count) << self.cluster_bits > MAX_HOST_OFFSET:
+            raise OSError(errno.ENOSPC, "the image has reached the qcow2 host offset limit")
+        self.free_hint = start + count
+        for cluster in range(start, start + count):
+            self.set(cluster, 1)
+        return start << self.cluster_bits
+
+    def _new_block(self, index: int) -> bytearray:
+        """Create the refcount block for table entry `index`; it may count itself."""
+        block = bytearray(self.cluster_size)
+        where = self._find_free(1)
+        self.free_hint = where + 1
+        self.blocks[index] = block
+        self.table[index] = where << self.cluster_bits
+        self.table_dirty = True
+        self.set(where, 1)
+        return block
+
+    def _grow_table(self, needed: int) -> None:
+        """Move the refcount table to a larger place (in memory until `write_increments`)."""
+        entries_per_cluster = self.cluster_size // 8
+        entries = max(needed, len(self.table)) * 3 // 2 + entries_per_cluster
+        clusters = -(-entries // entries_per_cluster)
+        if clusters * self.cluster_size > MAX_REFCOUNT_TABLE_BYTES:
+            raise OSError(errno.ENOSPC, "the refcount table would exceed 8 MiB")
+        start = self._find_free(clusters)
+        last = start + clusters
+        # The new table must also be able to describe its own clusters.
+        entries = max(entries, -(-last // self.per_block) + 1)
+        clusters = -(-entries // entries_per_cluster)
+        start = self._find_free(clusters)
+        self.free_hint = start + clusters
+        if self.table_moved_from is None:
+            self.table_moved_from = (self.table_offset, self.table_clusters)
+        else:  # moved twice before a flush: the intermediate table was never used
+            self.pending_frees.append((self.table_offset, self.table_clusters))
+        self.table.extend([0] * (clusters * entries_per_cluster - len(self.table)))
+        self.table_offset = start << self.cluster_bits
+        self.table_clusters = clusters
+        self.table_dirty = True
+        for cluster in range(start, start + clusters):
+            self.set(cluster, 1)
+
+    def free_later(self, offset: int, clusters: int) -> None:
+        self.pending_frees.append((offset, clusters))
+
+    # Durability
+
+    def write_increments(self) -> None:
+        """Write blocks and table, sync, and switch the header to a moved table."""
+        if not self.dirty:
+            return
+        for index in sorted(self.dirty_blocks):
+            offset = self.table[index] & TABLE_OFFSET_MASK
+            self.host.write(self.blocks[index], offset)
+        self.dirty_blocks.clear()
+        if self.table_dirty:
+            self.host.write(table_bytes(self.table), self.table_offset)
+            self.table_dirty = False
+        self.host.sync()
+        if self.table_moved_from is not None:
+            fields = _HEADER_TABLE_FIELDS.pack(self.table_offset, self.table_clusters)
+            self.host.write(fields, _HEADER_TABLE_OFFSET)
+            self.host.sync()
+            self.pending_frees.append(self.table_moved_from)
+            self.table_moved_from = None
+
+    def apply_frees(self) -> None:
+        """Drop the references whose removal is now durable; the blocks are written later."""
+        frees, self.pending_frees = self.pending_frees, []
+        for offset, clusters in frees:
+            first = offset >> self.cluster_bits
+            for cluster in range(first, first + clusters):
+                value = self.get(cluster)
+                if value == 0:
+                    raise OSError(errno.EIO, f"refcount of cluster {cluster} would go below 0")
+                self.set(cluster, value - 1)
+                if value == 1:
+                    self.free_hint = min(self.free_hint, cluster)
