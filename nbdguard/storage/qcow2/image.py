@@ -512,6 +512,7 @@ class Qcow2Image(BlockDevice):
             if self.refcounts is not None:
                 with self._lock:
                     self._flush_locked()
+                    self.host.sync()  # the decrements the flush wrote last
         finally:
             self.host.close()
             if self.external_data:

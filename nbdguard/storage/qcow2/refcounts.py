@@ -197,7 +197,8 @@ class Refcounts:
             self.table_moved_from = None
 
     def apply_frees(self) -> None:
-        """Drop the references whose removal is now durable; the blocks are written later."""
+        """Drop the references whose removal is now durable, and write the blocks (unsynced:
+        a decrement lost in a crash is only a leak)."""
         frees, self.pending_frees = self.pending_frees, []
         for offset, clusters in frees:
             first = offset >> self.cluster_bits
@@ -208,3 +209,7 @@ class Refcounts:
                 self.set(cluster, value - 1)
                 if value == 1:
                     self.free_hint = min(self.free_hint, cluster)
+        if not self.table_dirty:  # decrements never allocate; this is just the blocks
+            for index in sorted(self.dirty_blocks):
+                self.host.write(self.blocks[index], self.table[index] & TABLE_OFFSET_MASK)
+            self.dirty_blocks.clear()
