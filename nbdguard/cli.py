@@ -1,4 +1,4 @@
-"""Command line: `nbdguard serve`, `nbdguard check-config`."""
+"""Command line: `nbdguard serve`, `check-config`, `inspect`, `pin`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 import uvloop
 
 from nbdguard.config import (
+    DEFAULT_MAX_CHAIN_DEPTH,
+    FORMATS,
     Config,
     ConfigError,
     ExportConfig,
@@ -20,6 +22,7 @@ from nbdguard.config import (
     with_overrides,
 )
 from nbdguard.errors import NbdguardError
+from nbdguard.inspection import inspect_chain, pin_stanza
 from nbdguard.observability.logging import configure_logging, get_logger
 from nbdguard.server.app import Server
 from nbdguard.storage.stack import build_device
@@ -105,6 +108,45 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    report = inspect_chain(
+        Path(args.path),
+        args.format,
+        allow_dirs=tuple(Path(d) for d in args.allow_dir),
+        max_chain_depth=args.max_chain_depth,
+    )
+    print(report.as_json() if args.json else report.as_text())
+    return 1 if report.refused is not None else 0
+
+
+def _pin(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    report = inspect_chain(
+        path,
+        args.format,
+        allow_dirs=tuple(Path(d) for d in args.allow_dir),
+        max_chain_depth=args.max_chain_depth,
+    )
+    if report.refused is not None:
+        print(f"nbdguard: {report.refused}", file=sys.stderr)
+        return 1
+    print(pin_stanza(report, args.name or path.stem, path), end="")
+    return 0
+
+
+def _add_chain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="the image (the top of the chain)")
+    parser.add_argument("--format", "-f", required=True, choices=FORMATS, help="its format")
+    parser.add_argument(
+        "--allow-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory backing files may live in besides the image's own; repeatable",
+    )
+    parser.add_argument("--max-chain-depth", type=int, default=DEFAULT_MAX_CHAIN_DEPTH)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nbdguard", description="NBD server for disk images whose formats are pinned."
@@ -124,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config and open its exports")
     check.add_argument("file")
     check.set_defaults(func=_check_config)
+    inspect = commands.add_parser(
+        "inspect", help="show a chain as nbdguard would open it (nothing is served or locked)"
+    )
+    _add_chain_arguments(inspect)
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(func=_inspect)
+    pin = commands.add_parser("pin", help="print the [[exports]] stanza pinning a whole chain")
+    _add_chain_arguments(pin)
+    pin.add_argument("--name", help="the export name (default: the image's file name stem)")
+    pin.set_defaults(func=_pin)
     return parser
 
 

@@ -77,7 +77,7 @@ def is_protocol_name(name: str) -> bool:
 
 def resolve_chain(config: ExportConfig, *, lock: bool = True) -> Chain:
     """Open the export's whole chain or raise ChainRefused; nothing stays open on failure."""
-    resolver = _Resolver(config, lock=lock)
+    resolver = ChainResolver(config, lock=lock)
     try:
         resolver.run()
     except BaseException:
@@ -86,7 +86,10 @@ def resolve_chain(config: ExportConfig, *, lock: bool = True) -> Chain:
     return resolver.chain
 
 
-class _Resolver:
+class ChainResolver:
+    """Resolves layer by layer; after a refusal, `chain` still describes the layers opened
+    before it (the caller closes them)."""
+
     def __init__(self, config: ExportConfig, *, lock: bool) -> None:
         self.config = config
         self.lock = lock

@@ -1,0 +1,120 @@
+"""`nbdguard inspect` and `nbdguard pin`: the chain exactly as `serve` would open it, without
+serving it, and the `[[exports]]` stanza that pins it so an operator decides once."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nbdguard.config import DEFAULT_MAX_CHAIN_DEPTH, ExportConfig, Format
+from nbdguard.errors import ChainRefused
+from nbdguard.storage.chain import ChainLayer, ChainResolver
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    layers: tuple[dict[str, object], ...]
+    refused: ChainRefused | None
+
+    def as_json(self) -> str:
+        refused = None
+        if self.refused is not None:
+            refused = {
+                "layer": self.refused.layer,
+                "path": self.refused.path,
+                "reason": self.refused.reason,
+                "detail": self.refused.detail,
+            }
+        return json.dumps({"layers": list(self.layers), "refused": refused}, indent=2)
+
+    def as_text(self) -> str:
+        lines = []
+        for layer in self.layers:
+            lines.append(f"layer {layer['layer']}: {layer['path']}")
+            for key, value in layer.items():
+                if key not in ("layer", "path") and value is not None:
+                    lines.append(f"  {key.replace('_', ' ')}: {value}")
+        if self.refused is not None:
+            lines.append(f"REFUSED: {self.refused}")
+        return "\n".join(lines)
+
+
+def inspect_chain(
+    path: Path,
+    fmt: Format,
+    *,
+    allow_dirs: tuple[Path, ...] = (),
+    max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
+) -> ChainReport:
+    """Resolve read-only and without taking locks, so an image in use can be inspected."""
+    config = ExportConfig(
+        name=path.name,
+        path=path,
+        format=fmt,
+        read_only=True,
+        allow_dirs=allow_dirs,
+        max_chain_depth=max_chain_depth,
+    )
+    resolver = ChainResolver(config, lock=False)
+    refused = None
+    try:
+        resolver.run()
+    except ChainRefused as err:
+        refused = err
+    finally:
+        resolver.chain.close()
+    return ChainReport(tuple(_describe(layer) for layer in resolver.chain.layers), refused)
+
+
+def _describe(layer: ChainLayer) -> dict[str, object]:
+    header = layer.header
+    return {
+        "layer": layer.index,
+        "path": str(layer.file.path),
+        "format": layer.format,
+        "format_source": layer.format_source,
+        "virtual_size": header.size if header is not None else layer.file.size,
+        "cluster_size": header.cluster_size if header is not None else None,
+        "version": header.version if header is not None else None,
+        "backing_name": header.backing_name if header is not None else None,
+        "backing_format": header.backing_format if header is not None else None,
+        "data_file": str(layer.data_file.path) if layer.data_file is not None else None,
+        "compression": header.compression if header is not None else None,
+        "extended_l2": header.extended_l2 if header is not None else None,
+        "snapshots": header.nb_snapshots if header is not None else None,
+    }
+
+
+def pin_stanza(report: ChainReport, name: str, path: Path) -> str:
+    """The `[[exports]]` TOML that serves this chain with every layer pinned."""
+    top = report.layers[0]
+    top_dir = Path(str(top["path"])).parent
+    outside = sorted(
+        {
+            str(Path(str(layer["path"])).parent)
+            for layer in report.layers[1:]
+            if not Path(str(layer["path"])).parent.is_relative_to(top_dir)
+        }
+    )
+    lines = [
+        "[[exports]]",
+        f"name = {_toml(name)}",
+        f"path = {_toml(os.path.abspath(path))}",
+        f"format = {_toml(str(top['format']))}",
+    ]
+    if outside:
+        lines.append("allow_dirs = [" + ", ".join(_toml(d) for d in outside) + "]")
+    if top["format"] == "qcow2":
+        lines.append("backing = [")
+        lines += [
+            f"    {{ path = {_toml(str(layer['path']))}, format = {_toml(str(layer['format']))} }},"
+            for layer in report.layers[1:]
+        ]
+        lines.append("]")
+    return "\n".join(lines) + "\n"
+
+
+def _toml(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a valid TOML basic string
