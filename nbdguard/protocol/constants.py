@@ -133,3 +133,6 @@ class AllocationFlag(IntFlag):
 
 BASE_ALLOCATION = "base:allocation"
 BASE_ALLOCATION_ID = 1
+ALLOCATION_DEPTH = "qemu:allocation-depth"  # which layer of a chain holds each extent
+ALLOCATION_DEPTH_ID = 2
+META_CONTEXTS = {BASE_ALLOCATION: BASE_ALLOCATION_ID, ALLOCATION_DEPTH: ALLOCATION_DEPTH_ID}

@@ -14,10 +14,9 @@ from typing import Protocol
 
 from nbdguard.protocol import wire
 from nbdguard.protocol.constants import (
-    BASE_ALLOCATION,
-    BASE_ALLOCATION_ID,
     IHAVEOPT,
     MAX_STRING,
+    META_CONTEXTS,
     ClientFlag,
     Info,
     Option,
@@ -267,10 +266,11 @@ class Handshake:
         listing = option == Option.LIST_META_CONTEXT
         matched = _match_contexts(queries, listing)
         for context in matched:
-            context_id = 0 if listing else BASE_ALLOCATION_ID
-            self._reply(option, OptionReply.META_CONTEXT, wire.meta_context(context_id, context))
+            context_id = 0 if listing else META_CONTEXTS[context]
+            reply = wire.meta_context(context_id, context.encode())
+            self._reply(option, OptionReply.META_CONTEXT, reply)
         if not listing:
-            ids = (BASE_ALLOCATION_ID,) if matched else ()
+            ids = tuple(META_CONTEXTS[context] for context in matched)
             self._state.meta = _MetaSelection(name, ids)
         self._reply(option, OptionReply.ACK)
 
@@ -364,11 +364,15 @@ def _parse_meta_request(payload: bytes) -> tuple[str, list[str]]:
     return name, queries
 
 
-def _match_contexts(queries: list[str], listing: bool) -> list[bytes]:
-    """The contexts (only base:allocation exists) that the queries select."""
+def _match_contexts(queries: list[str], listing: bool) -> list[str]:
+    """The contexts the queries select, each once, in query order. Listing with no query
+    lists all; listing with "namespace:" lists that namespace."""
     if not queries:
-        return [BASE_ALLOCATION.encode()] if listing else []
+        return list(META_CONTEXTS) if listing else []
+    matched: list[str] = []
     for query in queries:
-        if query == BASE_ALLOCATION or (listing and query == "base:"):
-            return [BASE_ALLOCATION.encode()]
-    return []
+        for context in META_CONTEXTS:
+            whole_namespace = listing and query.endswith(":") and context.startswith(query)
+            if (query == context or whole_namespace) and context not in matched:
+                matched.append(context)
+    return matched

@@ -15,7 +15,13 @@ from nbdguard.errors import nbd_error_for
 from nbdguard.guard.sector0 import HeaderWriteBlocked
 from nbdguard.observability.metrics import command_label
 from nbdguard.protocol import wire
-from nbdguard.protocol.constants import AllocationFlag, Command, CommandFlag, NBDError
+from nbdguard.protocol.constants import (
+    BASE_ALLOCATION_ID,
+    AllocationFlag,
+    Command,
+    CommandFlag,
+    NBDError,
+)
 from nbdguard.protocol.transmission import Request
 from nbdguard.protocol.validate import SessionLimits, validate
 from nbdguard.server.exports import Export
@@ -220,17 +226,20 @@ class Dispatcher:
         return False
 
     def block_status(self, request: Request, started: float) -> bool:
-        one = bool(request.flags & CommandFlag.REQ_ONE)
-        extents = self.device.block_status(
-            request.offset, request.length, 1 if one else STATUS_MAX_EXTENTS
-        )
+        limit = 1 if request.flags & CommandFlag.REQ_ONE else STATUS_MAX_EXTENTS
         last = len(self.contexts) - 1
-        self.send(
-            [
+        chunks = []
+        for index, context in enumerate(self.contexts):
+            status = (
+                self.device.block_status
+                if context == BASE_ALLOCATION_ID
+                else self.device.allocation_depth
+            )
+            extents = status(request.offset, request.length, limit)
+            chunks.append(
                 wire.block_status_chunk(request.cookie, context, extents, done=index == last)
-                for index, context in enumerate(self.contexts)
-            ]
-        )
+            )
+        self.send(chunks)
         return False
 
     def spawn(self, work: Any) -> None:

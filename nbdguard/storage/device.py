@@ -61,6 +61,12 @@ class BlockDevice(ABC):
     def block_status(self, offset: int, length: int, max_extents: int) -> list[Extent]:
         """Extents covering a prefix (at least one byte) of the range, at most `max_extents`."""
 
+    def allocation_depth(self, offset: int, length: int, max_extents: int) -> list[Extent]:
+        """qemu:allocation-depth extents: (length, depth), depth 1 for this layer, 2 for the
+        one below it, ..., 0 where no layer holds the bytes. A device without layers below
+        holds everything."""
+        return [(length, 1)]
+
     @abstractmethod
     def close(self) -> None: ...
 
@@ -93,6 +99,9 @@ class Layer(BlockDevice):
 
     def block_status(self, offset: int, length: int, max_extents: int) -> list[Extent]:
         return self.inner.block_status(offset, length, max_extents)
+
+    def allocation_depth(self, offset: int, length: int, max_extents: int) -> list[Extent]:
+        return self.inner.allocation_depth(offset, length, max_extents)
 
     def close(self) -> None:
         self.inner.close()

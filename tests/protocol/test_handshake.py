@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbdguard.protocol.constants import (
+    ALLOCATION_DEPTH_ID,
     BASE_ALLOCATION_ID,
     IHAVEOPT,
     NBDMAGIC,
@@ -188,9 +189,13 @@ def test_meta_contexts_list_and_set(directory: Directory) -> None:
     hs.data_to_send()
     hs.receive(option(Option.LIST_META_CONTEXT, meta_payload("vm1")))
     hs.receive(option(Option.LIST_META_CONTEXT, meta_payload("vm1", "base:")))
+    hs.receive(option(Option.LIST_META_CONTEXT, meta_payload("vm1", "qemu:")))
     hs.receive(option(Option.LIST_META_CONTEXT, meta_payload("vm1", "qemu:dirty-bitmap:x")))
     out = replies(hs)
     assert [r.reply for r in out] == [
+        OptionReply.META_CONTEXT,
+        OptionReply.META_CONTEXT,
+        OptionReply.ACK,
         OptionReply.META_CONTEXT,
         OptionReply.ACK,
         OptionReply.META_CONTEXT,
@@ -198,11 +203,28 @@ def test_meta_contexts_list_and_set(directory: Directory) -> None:
         OptionReply.ACK,
     ]
     assert out[0].payload == struct.pack(">I", 0) + b"base:allocation"
+    assert out[1].payload == struct.pack(">I", 0) + b"qemu:allocation-depth"
+    assert out[3].payload == struct.pack(">I", 0) + b"base:allocation"
+    assert out[5].payload == struct.pack(">I", 0) + b"qemu:allocation-depth"
     hs.receive(option(Option.SET_META_CONTEXT, meta_payload("vm1", "x-foo:bar", "base:allocation")))
     out = replies(hs)
     assert out[0].payload == struct.pack(">I", BASE_ALLOCATION_ID) + b"base:allocation"
     done = hs.receive(option(Option.GO, info_payload("vm1")))
     assert isinstance(done, HandshakeDone) and done.meta_contexts == (BASE_ALLOCATION_ID,)
+
+
+def test_both_contexts_can_be_selected_in_query_order(directory: Directory) -> None:
+    hs = start(directory)
+    hs.receive(option(Option.STRUCTURED_REPLY))
+    hs.data_to_send()
+    queries = ("qemu:allocation-depth", "base:allocation", "base:allocation")
+    hs.receive(option(Option.SET_META_CONTEXT, meta_payload("vm1", *queries)))
+    out = replies(hs)
+    assert [r.reply for r in out] == [OptionReply.META_CONTEXT] * 2 + [OptionReply.ACK]
+    assert out[0].payload == struct.pack(">I", ALLOCATION_DEPTH_ID) + b"qemu:allocation-depth"
+    done = hs.receive(option(Option.GO, info_payload("vm1")))
+    assert isinstance(done, HandshakeDone)
+    assert done.meta_contexts == (ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID)
 
 
 def test_go_for_another_export_drops_contexts(directory: Directory) -> None:

@@ -507,6 +507,38 @@ class Qcow2Image(BlockDevice):
         if position < end and len(extents) <= limit:
             _add_extent(extents, end - max(position, backing_end), HOLE_ZERO)
 
+    def allocation_depth(self, offset: int, length: int, max_extents: int) -> list[Extent]:
+        with self._lock:
+            self._trim_cache()
+            length = min(length, BLOCK_STATUS_CLUSTERS << self.cluster_bits)
+            extents: list[Extent] = []
+            for kind, position, count, _ in self._segments(offset, length):
+                if kind != KIND_BACKING:
+                    _add_extent(extents, count, 1)
+                else:
+                    self._backing_depth(extents, position, count, max_extents)
+                if len(extents) > max_extents:
+                    break
+            return extents[:max_extents]
+
+    def _backing_depth(self, extents: list[Extent], position: int, count: int, limit: int) -> None:
+        end = position + count
+        backing_end = min(end, self.backing.size) if self.backing is not None else position
+        while position < backing_end and len(extents) <= limit:
+            assert self.backing is not None
+            for reported, depth in self.backing.allocation_depth(
+                position, backing_end - position, limit
+            ):
+                length = min(reported, backing_end - position)
+                _add_extent(extents, length, depth + 1 if depth else 0)
+                position += length
+                if position >= backing_end:
+                    break
+        if position < end and len(extents) <= limit:
+            # Past a short backing file: QEMU counts the zeros as the backing layer's.
+            depth = 2 if self.backing is not None else 0
+            _add_extent(extents, end - max(position, backing_end), depth)
+
     def close(self) -> None:
         try:
             if self.refcounts is not None:
