@@ -7,6 +7,11 @@ per GiB moved (from /proc) and peak RSS are recorded too.
 
     .venv/bin/python -m bench.compare                 # all jobs, 3 rounds
     .venv/bin/python -m bench.compare --jobs randread-4k seqread-1m --rounds 5
+    .venv/bin/python -m bench.compare --image qcow2-overlay   # nbdguard vs qemu-nbd only
+
+Images: `raw` (default); `qcow2-allocated`, a fully allocated qcow2 (64 KiB clusters) made
+by `qemu-img convert`; `qcow2-overlay`, a fresh qcow2 overlay per server over one shared
+raw base, so writes exercise allocation and copy-on-write.
 """
 
 from __future__ import annotations
@@ -110,14 +115,43 @@ def make_image(path: Path, size: int) -> None:
             handle.write(chunk)
 
 
+IMAGE_KINDS = ("raw", "qcow2-allocated", "qcow2-overlay")
+
+
+def make_images(work: Path, names: list[str], kind: str, size: int) -> dict[str, Path]:
+    """Every server gets its own image made the same way; then the page cache settles."""
+    source = work / "source.raw"
+    make_image(source, size)
+    images = {}
+    for name in names:
+        if kind == "raw":
+            images[name] = work / f"{name}.raw"
+            shutil.copyfile(source, images[name])
+        elif kind == "qcow2-allocated":
+            images[name] = work / f"{name}.qcow2"
+            qemu_img("convert", "-O", "qcow2", str(source), str(images[name]))
+        else:
+            images[name] = work / f"{name}.qcow2"
+            qemu_img("create", "-f", "qcow2", "-b", str(source), "-F", "raw", str(images[name]))
+    if kind != "qcow2-overlay":
+        source.unlink()
+    os.sync()
+    return images
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
 def nbdguard_server(
     work: Path, image: Path, name: str, extra: str = "", server_extra: str = ""
 ) -> Server:
+    fmt = "raw" if image.suffix == ".raw" else "qcow2"
     sock = work / f"{name}.sock"
     config = work / f"{name}.toml"
     config.write_text(
         f'[server]\nlisten = ["unix://{sock}"]\nlog_level = "warning"\n{server_extra}'
-        f'[[exports]]\nname = "disk"\npath = "{image}"\nformat = "raw"\n{extra}'
+        f'[[exports]]\nname = "disk"\npath = "{image}"\nformat = "{fmt}"\n{extra}'
     )
     command = [sys.executable, "-m", "nbdguard", "serve", "--config", str(config)]
     return Server(name, "disk", sock, command)
@@ -125,6 +159,7 @@ def nbdguard_server(
 
 def peer_servers(work: Path, images: dict[str, Path]) -> list[Server]:
     servers = []
+    qemu_format = "raw" if images["qemu-nbd"].suffix == ".raw" else "qcow2"
     if shutil.which("qemu-nbd"):
         sock = work / "qemu-nbd.sock"
         servers.append(
@@ -135,7 +170,7 @@ def peer_servers(work: Path, images: dict[str, Path]) -> list[Server]:
                 [
                     "qemu-nbd",
                     "-f",
-                    "raw",
+                    qemu_format,
                     "-x",
                     "disk",
                     "-k",
@@ -149,6 +184,8 @@ def peer_servers(work: Path, images: dict[str, Path]) -> list[Server]:
                 ],
             )
         )
+    if qemu_format != "raw":
+        return servers  # nbdkit's and nbd-server's qcow2 support is not comparable
     if shutil.which("nbdkit"):
         sock = work / "nbdkit.sock"
         servers.append(
@@ -236,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "--metrics", action="store_true", help="also nbdguard without per-request metrics"
     )
     parser.add_argument("--no-copy", action="store_true", help="skip the nbdcopy timing")
+    parser.add_argument("--image", choices=IMAGE_KINDS, default="raw", help="what is served")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="nbdguard-bench-") as tmp:
         work = Path(tmp)
@@ -245,14 +283,10 @@ def main(argv: list[str] | None = None) -> int:
             variants.append(("nbdguard-noguard", 'header_guard = "off"\n', ""))
         if args.metrics:
             variants.append(("nbdguard-nometrics", "", "request_metrics = false\n"))
-        names = [name for name, _, _ in variants] + ["qemu-nbd", "nbdkit", "nbd-server"]
-        images = {name: work / f"{name}.raw" for name in names}
-        source = work / "source.raw"
-        make_image(source, args.size_mib << 20)
-        for name in names:  # every server gets a copy made the same way, then all settle
-            shutil.copyfile(source, images[name])
-        source.unlink()
-        os.sync()
+        names = [name for name, _, _ in variants] + ["qemu-nbd"]
+        if args.image == "raw":
+            names += ["nbdkit", "nbd-server"]
+        images = make_images(work, names, args.image, args.size_mib << 20)
         servers = [
             nbdguard_server(work, images[name], name, extra, server_extra)
             for name, extra, server_extra in variants
@@ -292,7 +326,7 @@ def report(
     ours = servers[0]
     peers = servers[1:]
     lines = [
-        f"rounds={args.rounds} runtime={args.runtime}s image={args.size_mib} MiB; "
+        f"rounds={args.rounds} runtime={args.runtime}s image={args.size_mib} MiB {args.image}; "
         "medians in MiB/s (CPU s/GiB of the server); ratio = nbdguard / peer",
         "",
         "| job | "

@@ -1,7 +1,9 @@
 """Byte access to one file of a qcow2 layer (the image itself or its external data file).
 
-Read-only files are mapped, so reads of base layers are zero-copy slices exactly like raw
-exports. A writable file grows as clusters are allocated, so it is read with pread.
+Reads are zero-copy slices of a read-only shared mapping, exactly like raw exports; writes
+use pwrite (ENOSPC, not SIGBUS, on a full disk) and the page cache keeps both coherent. A
+writable file grows as clusters are allocated: bytes past the mapping are read with pread
+until the mapping is renewed, which happens once the file has grown by a quarter.
 """
 
 from __future__ import annotations
@@ -21,12 +23,19 @@ class HostFile:
         self.size = file.size
         self._map: mmap.mmap | None = None
         self._view = memoryview(b"")
-        if file.read_only and file.size:
-            self._map = mmap.mmap(file.fd, file.size, mmap.MAP_SHARED, mmap.PROT_READ)
-            self._view = memoryview(self._map)
+        self._remap()
+
+    def _remap(self) -> None:
+        """Map the whole file; the old mapping goes when no reply references it any more."""
+        if not self.size:
+            return
+        self._map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+        self._view = memoryview(self._map)
 
     def read(self, offset: int, length: int) -> Buffer:
         """`length` bytes at `offset`; bytes past the end of the file read as zeros."""
+        if self.size > len(self._view) * 5 // 4:
+            self._remap()
         if offset + length <= len(self._view):
             return self._view[offset : offset + length]
         data = os.pread(self.fd, length, offset)
