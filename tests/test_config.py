@@ -553,8 +553,9 @@ def test_bad_overrides_name_the_option(tmp_path: Path) -> None:
 def test_shipped_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[1] / "config" / "nbdguard.example.toml"
     config = load_config(example)
-    assert [export.name for export in config.exports] == ["vm1", "install-media"]
+    assert [export.name for export in config.exports] == ["vm1", "install-media", "vm2"]
     assert config.exports[1].read_only
+    assert config.exports[2].backing is not None and len(config.exports[2].backing) == 2
     assert config.server.metrics_listen == ("127.0.0.1", 9109)
 
 
