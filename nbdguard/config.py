@@ -19,6 +19,7 @@ from typing import Literal, TypeVar
 from nbdguard.guard.signatures import KNOWN_FORMATS
 
 Format = Literal["raw", "qcow2"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LogFormat = Literal["json", "console", "auto"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 HeaderGuard = Literal["qemu", "strict", "off"]
@@ -35,11 +36,17 @@ MAX_STRING_BYTES = 4096  # NBD's limit for export names and descriptions
 TOP_KEYS = ("server", "exports")
 SERVER_KEYS = (
     "listen", "metrics_listen", "log_format", "log_level", "request_metrics",
-    "handshake_timeout", "max_connections", "max_requests_in_flight",
+    "handshake_timeout", "max_connections", "max_requests_in_flight", "tls",
 )  # fmt: skip
+TLS_KEYS = ("mode", "cert", "key", "ca")
+TlsMode = Literal["off", "on", "require"]
+TLS_MODES: tuple[TlsMode, ...] = ("off", "on", "require")
 GUARD_KEYS = ("header_guard", "allow_headers", "on_existing_header")
 CHAIN_KEYS = ("allow_dirs", "max_chain_depth", "backing")
-EXPORT_KEYS = ("name", "path", "format", "read_only", "description", *GUARD_KEYS, *CHAIN_KEYS)
+ACCESS_KEYS = ("allow_clients", "allow_addresses")
+EXPORT_KEYS = (
+    "name", "path", "format", "read_only", "description", *GUARD_KEYS, *CHAIN_KEYS, *ACCESS_KEYS
+)  # fmt: skip
 DEFAULT_MAX_CHAIN_DEPTH = 16
 
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
@@ -74,6 +81,17 @@ class ListenAddress:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """STARTTLS: "on" offers it, "require" refuses everything else until it is done. With a
+    CA, clients must present a certificate it signed."""
+
+    mode: TlsMode = "off"
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: tuple[ListenAddress, ...]  # empty with systemd socket activation
     metrics_listen: tuple[str, int] | None = None
@@ -83,6 +101,7 @@ class ServerConfig:
     handshake_timeout: float = 10.0  # seconds from accept to an export chosen (CVE-2024-7409)
     max_connections: int = 100  # open client connections, all exports together
     max_requests_in_flight: int = 256  # per connection; beyond it the server stops reading
+    tls: TlsConfig = TlsConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +125,10 @@ class ExportConfig:
     allow_dirs: tuple[Path, ...] = ()  # absolute; where backing and data files may live
     max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH  # images in the chain, the top included
     backing: tuple[BackingPin, ...] | None = None  # the whole chain below the top, pinned
+    # Who may see and use the export (empty: anyone who can connect). Certificate subjects
+    # like "CN=web01" need a verified client certificate; networks apply to TCP clients.
+    allow_clients: tuple[str, ...] = ()
+    allow_addresses: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +334,24 @@ def _parse_server(table: _Table, base_dir: Path) -> ServerConfig:
         max_requests_in_flight=int(
             table.number("max_requests_in_flight", 256, minimum=1, integer=True)
         ),
+        tls=_parse_tls(
+            table.table("tls", table.where.replace("[server]", "[server.tls]")), base_dir
+        ),
     )
+
+
+def _parse_tls(table: _Table, base_dir: Path) -> TlsConfig:
+    table.unknown_keys(TLS_KEYS)
+    mode = table.choice("mode", TLS_MODES, "off")
+    paths: dict[str, Path | None] = {}
+    for key in ("cert", "key", "ca"):
+        text = table.string(key)
+        paths[key] = _config_path(table, key, text, base_dir) if text else None
+    if mode != "off":
+        for key in ("cert", "key"):
+            if paths[key] is None:
+                table.problem(key, f'is required when mode = "{mode}"')
+    return TlsConfig(mode, paths["cert"], paths["key"], paths["ca"])
 
 
 def _listen_addresses(table: _Table, base_dir: Path) -> tuple[ListenAddress, ...]:
@@ -383,7 +423,40 @@ def _parse_export(table: _Table, base_dir: Path) -> ExportConfig:
             table.number("max_chain_depth", DEFAULT_MAX_CHAIN_DEPTH, minimum=1, integer=True)
         ),
         backing=_backing_pins(table, base_dir),
+        allow_clients=_client_subjects(table),
+        allow_addresses=_networks(table),
     )
+
+
+def _client_subjects(table: _Table) -> tuple[str, ...]:
+    subjects = table.strings("allow_clients") or ()
+    for subject in subjects:
+        try:
+            parse_subject(subject)
+        except ValueError as err:
+            table.problem("allow_clients", str(err))
+    return subjects
+
+
+def parse_subject(text: str) -> dict[str, str]:
+    """ "CN=web01,O=Example" into {"CN": "web01", "O": "Example"}."""
+    parts: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"{_shown(text)}: expected ATTR=VALUE[,ATTR=VALUE...], e.g. CN=web01")
+        parts[key.strip()] = value.strip()
+    return parts
+
+
+def _networks(table: _Table) -> tuple[IPNetwork, ...]:
+    networks: list[IPNetwork] = []
+    for text in table.strings("allow_addresses") or ():
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError as err:
+            table.problem("allow_addresses", f"{_shown(text)}: {err}")
+    return tuple(networks)
 
 
 def _config_path(table: _Table, key: str, text: str, base_dir: Path) -> Path:
@@ -469,6 +542,12 @@ def parse_config(data: Mapping[str, object], *, source: str, base_dir: Path) -> 
     top.unknown_keys(TOP_KEYS)
     server = _parse_server(top.table("server", f"{source}: [server]"), base_dir)
     exports = _parse_exports(top, source, base_dir)
+    for index, export in enumerate(exports):
+        if export.allow_clients and server.tls.ca is None:
+            problems.append(
+                f"{source}: exports[{index}]: allow_clients needs [server.tls] with a ca, so "
+                "client certificates are verified"
+            )
     if problems:
         raise ConfigError(problems)
     return Config(server, exports)

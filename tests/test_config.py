@@ -45,7 +45,7 @@ on_existing_header = "warn"
 EXPORT = '[[exports]]\nname = "a"\npath = "a.raw"\nformat = "raw"\n'
 SERVER_ALLOWED = (
     "listen", "metrics_listen", "log_format", "log_level", "request_metrics",
-    "handshake_timeout", "max_connections", "max_requests_in_flight",
+    "handshake_timeout", "max_connections", "max_requests_in_flight", "tls",
 )  # fmt: skip
 EXPORT_ALLOWED = (
     "name",
@@ -59,6 +59,8 @@ EXPORT_ALLOWED = (
     "allow_dirs",
     "max_chain_depth",
     "backing",
+    "allow_clients",
+    "allow_addresses",
 )
 
 
@@ -620,3 +622,39 @@ def test_bad_chain_keys_are_named(tmp_path: Path, line: str, message: str) -> No
 def test_chain_keys_on_a_raw_export_are_refused(tmp_path: Path) -> None:
     problem = one_problem(tmp_path, EXPORT + 'allow_dirs = ["x"]\n')
     assert 'key "allow_dirs": applies to qcow2 exports only' in problem
+
+
+def test_tls_table_and_access_keys(tmp_path: Path) -> None:
+    text = (
+        '[server.tls]\nmode = "require"\ncert = "pki/cert.pem"\nkey = "pki/key.pem"\n'
+        'ca = "pki/ca.pem"\n'
+        + EXPORT
+        + 'allow_clients = ["CN=web01", "O=Example,CN=db02"]\n'
+        + 'allow_addresses = ["10.1.2.3/8", "::1"]\n'
+    )
+    config = load_config(write(tmp_path, text))
+    tls = config.server.tls
+    assert (tls.mode, tls.cert, tls.ca) == (
+        "require",
+        tmp_path / "pki/cert.pem",
+        tmp_path / "pki/ca.pem",
+    )
+    export = config.exports[0]
+    assert export.allow_clients == ("CN=web01", "O=Example,CN=db02")
+    assert [str(n) for n in export.allow_addresses] == ["10.0.0.0/8", "::1/128"]
+    assert load_config(write(tmp_path, EXPORT)).server.tls.mode == "off"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[server.tls]\nmode = "on"\n' + EXPORT, '[server.tls]: key "cert": is required'),
+        ('[server.tls]\nmode = "always"\n' + EXPORT, 'key "mode": must be one of'),
+        ('[server.tls]\nciphers = "x"\n' + EXPORT, 'unknown key "ciphers"'),
+        (EXPORT + 'allow_clients = ["web01"]\n', "expected ATTR=VALUE"),
+        (EXPORT + 'allow_clients = ["CN=web01"]\n', "allow_clients needs [server.tls] with a ca"),
+        (EXPORT + 'allow_addresses = ["10.0.0.300/8"]\n', 'key "allow_addresses": "10.0.0.300/8"'),
+    ],
+)
+def test_bad_tls_and_access_keys_are_named(tmp_path: Path, text: str, message: str) -> None:
+    assert any(message in problem for problem in problems_of(tmp_path, text))

@@ -68,7 +68,14 @@ class HandshakeClosed:
     code: str = "protocol_violation"  # stable, for metrics: aborted, unknown_export, …
 
 
-HandshakeEvent = HandshakeDone | HandshakeClosed
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """STARTTLS was acknowledged: upgrade the transport, then call `tls_established`
+    (or close the connection if the TLS handshake fails). Feed no bytes in between."""
+
+
+HandshakeEvent = HandshakeDone | HandshakeClosed | StartTls
+TLS_MODES = ("off", "on", "require")
 
 
 class OptionError(Exception):
@@ -100,12 +107,32 @@ class _State:
 class Handshake:
     """Server side of the fixed-newstyle handshake."""
 
-    def __init__(self, directory: ExportDirectory, limits: HandshakeLimits | None = None) -> None:
+    def __init__(
+        self,
+        directory: ExportDirectory,
+        limits: HandshakeLimits | None = None,
+        *,
+        tls_mode: str = "off",
+    ) -> None:
+        assert tls_mode in TLS_MODES
         self._directory = directory
         self._limits = limits or HandshakeLimits()
         self._state = _State()
         self._out = bytearray(wire.greeting())
         self._event: HandshakeEvent | None = None
+        self._tls_mode = tls_mode
+        self.tls = False  # TLS is established
+        self._upgrading = False  # STARTTLS acknowledged, TLS not yet established
+
+    def tls_established(self) -> None:
+        """The transport is now TLS: forget everything negotiated before (the spec's rule,
+        so a man in the middle cannot have chosen it)."""
+        assert self._upgrading
+        self._upgrading = False
+        self.tls = True
+        state = self._state
+        state.structured_replies = False
+        state.meta = None
 
     @property
     def no_zeroes(self) -> bool:
@@ -124,8 +151,13 @@ class Handshake:
             return self._event
         state = self._state
         state.buffer += data
-        while self._event is None and self._step():
+        while self._event is None and not self._upgrading and self._step():
             pass
+        if self._upgrading and self._event is None:
+            if state.buffer:  # the client must wait for the ACK before the TLS handshake
+                self._close("data after NBD_OPT_STARTTLS before the TLS handshake", "tls")
+                return self._event
+            return StartTls()
         return self._event
 
     def _step(self) -> bool:
@@ -198,6 +230,12 @@ class Handshake:
         self._out += wire.option_reply(option, reply, payload)
 
     def _handle(self, option: int, payload: bytes) -> None:
+        if self._tls_mode == "require" and not self.tls and option not in _BEFORE_TLS:
+            if option == Option.EXPORT_NAME:  # cannot be answered with an error
+                self._close("NBD_OPT_EXPORT_NAME before STARTTLS (TLS required)", "tls_required")
+                return
+            self._reply(option, OptionReply.ERR_TLS_REQD, b"TLS required: use NBD_OPT_STARTTLS")
+            return
         handler = _HANDLERS.get(option)
         if handler is None:
             self._reply(option, OptionReply.ERR_UNSUP, b"option not supported")
@@ -249,6 +287,16 @@ class Handshake:
         if option == Option.GO:
             self._finish(export)
 
+    def _opt_starttls(self, option: int, payload: bytes) -> None:
+        if self._tls_mode == "off":
+            raise OptionError(OptionReply.ERR_POLICY, "TLS is not configured on this server")
+        if payload:
+            raise OptionError(OptionReply.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        if self.tls:
+            raise OptionError(OptionReply.ERR_INVALID, "TLS is already established")
+        self._reply(option, OptionReply.ACK)
+        self._upgrading = True
+
     def _opt_structured_reply(self, option: int, payload: bytes) -> None:
         if payload:
             raise OptionError(OptionReply.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
@@ -291,6 +339,7 @@ class Handshake:
         self._event = HandshakeDone(export, flags, state.structured_replies, contexts, leftover)
 
 
+_BEFORE_TLS = (Option.STARTTLS, Option.ABORT)
 _HANDLERS: dict[int, Callable[[Handshake, int, bytes], None]] = {
     Option.EXPORT_NAME: Handshake._opt_export_name,
     Option.ABORT: Handshake._opt_abort,
@@ -298,6 +347,7 @@ _HANDLERS: dict[int, Callable[[Handshake, int, bytes], None]] = {
     Option.INFO: Handshake._opt_info_or_go,
     Option.GO: Handshake._opt_info_or_go,
     Option.STRUCTURED_REPLY: Handshake._opt_structured_reply,
+    Option.STARTTLS: Handshake._opt_starttls,
     Option.LIST_META_CONTEXT: Handshake._opt_meta_context,
     Option.SET_META_CONTEXT: Handshake._opt_meta_context,
 }

@@ -18,6 +18,7 @@ from nbdguard.protocol.handshake import HandshakeLimits
 from nbdguard.server import listeners
 from nbdguard.server.connection import Connection
 from nbdguard.server.exports import Export, ExportRegistry, open_export
+from nbdguard.server.tls import server_context
 
 SHUTDOWN_GRACE = 30.0
 
@@ -28,6 +29,7 @@ class Server:
         self.log: Any = get_logger()
         self.registry = ExportRegistry()
         self.handshake_limits = HandshakeLimits()
+        self.tls_context = server_context(config.server.tls)
         self.handshake_timeout = config.server.handshake_timeout
         self.max_connections = config.server.max_connections
         self.connections: set[Connection] = set()

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from nbdguard.protocol.constants import Command
-from nbdguard.protocol.handshake import Handshake, HandshakeClosed, HandshakeDone
+from nbdguard.protocol.handshake import Handshake, HandshakeClosed, HandshakeDone, StartTls
 from nbdguard.protocol.transmission import ProtocolViolation, Request, RequestParser
 from nbdguard.protocol.validate import SessionLimits
+from nbdguard.server.access import ClientIdentity, ClientView
 from nbdguard.server.dispatch import Dispatcher
 from nbdguard.storage.device import Buffer
 
@@ -32,7 +34,8 @@ class Connection(asyncio.BufferedProtocol):
         self.id = next(_ids)
         self.log = server.log.bind(conn=self.id, listener=listener)
         self.transport: asyncio.Transport | None = None
-        self.handshake: Handshake | None = Handshake(server.registry, server.handshake_limits)
+        self.client = ClientIdentity(None)
+        self.handshake: Handshake | None = None  # made once the peer is known
         self.parser: RequestParser | None = None
         self.dispatcher: Dispatcher | None = None
         self.export_name: str | None = None
@@ -44,6 +47,7 @@ class Connection(asyncio.BufferedProtocol):
         self._backlog: deque[Request] = deque()
         self._closer: asyncio.Future[None] | None = None
         self.closed = asyncio.get_running_loop().create_future()
+        self._lost = False
 
     # -- asyncio callbacks ---------------------------------------------------------
 
@@ -52,6 +56,7 @@ class Connection(asyncio.BufferedProtocol):
         transport = self.transport
         peer = transport.get_extra_info("peername")
         self.log = self.log.bind(client=_format_peer(peer))
+        self.client = ClientIdentity.from_peer(peer)
         if len(self.server.connections) >= self.server.max_connections:
             self.server.metrics.limit_hit("max_connections")
             self.log.warning(
@@ -63,7 +68,11 @@ class Connection(asyncio.BufferedProtocol):
             transport.abort()
             return
         self.server.connections.add(self)
-        assert self.handshake is not None
+        self.handshake = Handshake(
+            ClientView(self.server.registry, self.client),
+            self.server.handshake_limits,
+            tls_mode=self.server.config.server.tls.mode,
+        )
         transport.write(self.handshake.data_to_send())
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self.server.handshake_timeout, self._handshake_expired)
@@ -84,6 +93,9 @@ class Connection(asyncio.BufferedProtocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:  # a failed TLS upgrade may report the loss twice
+            return
+        self._lost = True
         if self._deadline is not None:
             self._deadline.cancel()
         self.server.connections.discard(self)
@@ -120,6 +132,34 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.close()
         elif isinstance(event, HandshakeDone):
             self._enter_transmission(event)
+        elif isinstance(event, StartTls):
+            asyncio.get_running_loop().create_task(self._upgrade_to_tls())
+
+    async def _upgrade_to_tls(self) -> None:
+        """STARTTLS was acknowledged: wrap the transport, then resume the handshake."""
+        assert self.transport is not None and self.server.tls_context is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self.transport,
+                self,
+                self.server.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=self.server.handshake_timeout,
+            )
+        except (OSError, ssl.SSLError) as err:  # TimeoutError is an OSError
+            if self.handshake is not None:
+                self._handshake_failed("tls", f"TLS handshake failed: {err}", clean=False)
+            self.transport.abort()
+            self.connection_lost(err)
+            return
+        if self.handshake is None or transport is None:
+            return  # timed out or closed meanwhile
+        self.transport = transport
+        self.client.set_certificate(transport.get_extra_info("peercert"))
+        self.log = self.log.bind(tls=True, client_cert=self.client.describe() or None)
+        self.log.info("connection.tls")
+        self.handshake.tls_established()
 
     def _enter_transmission(self, done: HandshakeDone) -> None:
         assert self.transport is not None

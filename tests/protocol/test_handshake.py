@@ -22,6 +22,7 @@ from nbdguard.protocol.handshake import (
     HandshakeClosed,
     HandshakeDone,
     HandshakeLimits,
+    StartTls,
 )
 from tests.protocol.conftest import Directory
 from tests.protocol.nbdwire import (
@@ -133,8 +134,62 @@ def test_abort_is_acked_and_clean(directory: Directory) -> None:
 def test_unknown_option_is_unsup_and_session_continues(directory: Directory) -> None:
     hs = start(directory)
     hs.receive(option(0xDEAD, b"abc") + option(Option.STARTTLS) + option(Option.PEEK_EXPORT))
-    assert [r.reply for r in replies(hs)] == [OptionReply.ERR_UNSUP] * 3
+    unsup, policy = OptionReply.ERR_UNSUP, OptionReply.ERR_POLICY  # no TLS configured
+    assert [r.reply for r in replies(hs)] == [unsup, policy, unsup]
     assert isinstance(hs.receive(option(Option.GO, info_payload("vm1"))), HandshakeDone)
+
+
+def start_tls_mode(directory: Directory, mode: str) -> Handshake:
+    hs = Handshake(directory, tls_mode=mode)
+    hs.data_to_send()
+    assert hs.receive(CLIENT_FLAGS) is None
+    return hs
+
+
+def test_require_mode_allows_only_starttls_and_abort(directory: Directory) -> None:
+    hs = start_tls_mode(directory, "require")
+    for opt in (Option.LIST, Option.STRUCTURED_REPLY, 0xDEAD):
+        hs.receive(option(opt))
+    hs.receive(option(Option.GO, info_payload("vm1")))
+    assert [r.reply for r in replies(hs)] == [OptionReply.ERR_TLS_REQD] * 4
+    event = hs.receive(option(Option.EXPORT_NAME, b"vm1"))
+    assert isinstance(event, HandshakeClosed) and event.code == "tls_required"
+    aborting = start_tls_mode(directory, "require")
+    closed = aborting.receive(option(Option.ABORT))
+    assert isinstance(closed, HandshakeClosed) and closed.clean
+
+
+def test_starttls_resets_negotiated_state(directory: Directory) -> None:
+    hs = start_tls_mode(directory, "on")
+    hs.receive(option(Option.STRUCTURED_REPLY))
+    hs.receive(option(Option.SET_META_CONTEXT, meta_payload("vm1", "base:allocation")))
+    event = hs.receive(option(Option.STARTTLS))
+    assert isinstance(event, StartTls)
+    assert [r.reply for r in replies(hs)][-1] == OptionReply.ACK
+    hs.tls_established()
+    assert hs.tls
+    done = hs.receive(option(Option.GO, info_payload("vm1")))
+    assert isinstance(done, HandshakeDone)
+    assert not done.structured_replies and done.meta_contexts == ()
+
+
+def test_after_tls_nothing_answers_tls_required(directory: Directory) -> None:
+    hs = start_tls_mode(directory, "require")
+    assert isinstance(hs.receive(option(Option.STARTTLS)), StartTls)
+    hs.tls_established()
+    hs.data_to_send()
+    hs.receive(option(Option.STARTTLS) + option(Option.LIST))
+    out = [r.reply for r in replies(hs)]
+    assert out[0] == OptionReply.ERR_INVALID  # a second STARTTLS
+    assert OptionReply.ERR_TLS_REQD not in out and out[-1] == OptionReply.ACK
+
+
+def test_starttls_with_data_or_bytes_behind_it(directory: Directory) -> None:
+    hs = start_tls_mode(directory, "on")
+    hs.receive(option(Option.STARTTLS, b"x"))
+    assert [r.reply for r in replies(hs)] == [OptionReply.ERR_INVALID]
+    event = hs.receive(option(Option.STARTTLS) + b"\x16\x03\x01")  # not waiting for the ACK
+    assert isinstance(event, HandshakeClosed) and event.code == "tls"
 
 
 def test_bad_option_magic_closes(directory: Directory) -> None:
