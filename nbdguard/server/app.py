@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+from dataclasses import replace
 from typing import Any
 
-from nbdguard.config import Config, ExportConfig
+from nbdguard.config import Config, ConfigError, ExportConfig, load_config
 from nbdguard.errors import ChainRefused, ExportOpenError, NbdguardError
 from nbdguard.guard.sector0 import Sector0Guard
 from nbdguard.observability.http import OperatorEndpoint
@@ -21,6 +23,7 @@ from nbdguard.server.exports import Export, ExportRegistry, open_export
 from nbdguard.server.tls import server_context
 
 SHUTDOWN_GRACE = 30.0
+EXIT_FORCED = 3  # a second SIGINT/SIGTERM during the drain
 
 
 class Server:
@@ -49,6 +52,7 @@ class Server:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             self.registry = ExportRegistry(self._open_exports())
             self._start_metrics()
@@ -192,21 +196,87 @@ class Server:
         return lambda: Connection(self, listener)
 
     async def serve(self) -> None:
-        """Serve until SIGINT/SIGTERM, then shut down gracefully."""
+        """Serve until SIGINT/SIGTERM, then shut down gracefully (a second signal forces
+        an exit)."""
         try:
             await self._stop.wait()
+            await self.shutdown()
         finally:
             self._remove_signal_handlers()
-            await self.shutdown()
 
     def _remove_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signum)
 
     def _on_signal(self, signum: int) -> None:
-        self.log.info("server.stopping", signal=signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self._stop.is_set():
+            # A second signal: the operator will not wait for the drain.
+            self.log.warning("server.forced_exit", signal=name)
+            os._exit(EXIT_FORCED)
+        self.log.info("server.stopping", signal=name)
         self._stop.set()
+
+    # -- reload ----------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file. New exports open, removed ones stop taking
+        connections (and close when their last one ends), unchanged ones are untouched, and
+        an export that was refused is tried again. An invalid file changes nothing."""
+        source = self.config.source
+        if source is None:
+            self.log.warning("config.reload_skipped", reason="serving without a config file")
+            return
+        try:
+            fresh = load_config(source)
+        except ConfigError as err:
+            self.log.error("config.reload_failed", path=str(source), problems=list(err.problems))
+            return
+        ours = replace(
+            self.config.server,
+            listen=fresh.server.listen,  # command-line overrides are not changes
+            metrics_listen=fresh.server.metrics_listen,
+        )
+        if fresh.server != ours:
+            self.log.warning(
+                "config.server_changed", message="[server] changes take effect at restart"
+            )
+        self._apply_exports(fresh.exports)
+
+    def _apply_exports(self, wanted: tuple[ExportConfig, ...]) -> None:
+        current = {export.name: export for export in self.config.exports}
+        names = {export.name for export in wanted}
+        kept: list[ExportConfig] = []
+        report: dict[str, list[str]] = {"added": [], "removed": [], "kept": [], "changed": []}
+        for name in current.keys() - names:
+            retired = self.registry.retire(name)
+            if retired is not None:
+                retired.metrics.closed()
+            report["removed"].append(name)
+        for export_config in wanted:
+            old = current.get(export_config.name)
+            if old is not None and old != export_config and self.registry.get(old.name):
+                report["changed"].append(old.name)  # reopening would cut its clients off
+                kept.append(old)
+                continue
+            kept.append(export_config)
+            if self.registry.get(export_config.name) is not None:
+                report["kept"].append(export_config.name)
+                continue
+            export = self._open_export(export_config)
+            if export is not None:
+                self.registry.add(export)
+                report["added"].append(export_config.name)
+        self.config = replace(self.config, exports=tuple(kept))
+        if report["changed"]:
+            self.log.warning(
+                "config.export_changed",
+                exports=report["changed"],
+                message="a changed export keeps its old definition while it is served: "
+                "remove it and reload, then add it back and reload",
+            )
+        self.log.info("config.reloaded", **{k: sorted(v) for k, v in report.items()})
 
     async def shutdown(self) -> None:
         self._stopping = True

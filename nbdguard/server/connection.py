@@ -21,6 +21,7 @@ from nbdguard.storage.device import Buffer
 
 if TYPE_CHECKING:
     from nbdguard.server.app import Server
+    from nbdguard.server.exports import Export
 
 _ids = itertools.count(1)
 HANDSHAKE_BUFFER = 64 * 1024
@@ -39,6 +40,7 @@ class Connection(asyncio.BufferedProtocol):
         self.parser: RequestParser | None = None
         self.dispatcher: Dispatcher | None = None
         self.export_name: str | None = None
+        self.export: Export | None = None
         self._handshake_view = memoryview(bytearray(HANDSHAKE_BUFFER))
         self._deadline: asyncio.TimerHandle | None = None
         self._write_paused = False
@@ -105,6 +107,8 @@ class Connection(asyncio.BufferedProtocol):
         if self.dispatcher is not None:
             self.dispatcher.shutting_down = True
             self.dispatcher.metrics.connection_closed()
+        if self.export is not None:
+            self.export.detach()
         self.log.info(
             "connection.closed", export=self.export_name, error=repr(exc) if exc else None
         )
@@ -167,6 +171,8 @@ class Connection(asyncio.BufferedProtocol):
             self._deadline.cancel()
         export = self.server.registry.get(done.export.name)
         assert export is not None
+        export.attach()
+        self.export = export
         self.export_name = export.name
         self.log = self.log.bind(export=export.name)
         limits = SessionLimits.for_export(

@@ -30,13 +30,27 @@ class Export:
     device: BlockDevice
     info: ExportInfo
     metrics: ExportMetrics
+    connections: int = 0
+    retired: bool = False  # removed by a reload: closed when its last connection goes
+    closed: bool = False
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    def attach(self) -> None:
+        self.connections += 1
+
+    def detach(self) -> None:
+        """A connection to this export ended; a retired export closes with its last one."""
+        self.connections -= 1
+        if self.retired and self.connections == 0:
+            self.close()
+
     def close(self) -> None:
-        self.device.close()
+        if not self.closed:
+            self.closed = True
+            self.device.close()
 
 
 def transmission_flags(capabilities: Capabilities) -> int:
@@ -84,6 +98,18 @@ class ExportRegistry:
 
     def get(self, name: str) -> Export | None:
         return self._exports.get(name)
+
+    def add(self, export: Export) -> None:
+        self._exports[export.name] = export
+
+    def retire(self, name: str) -> Export | None:
+        """Stop offering an export; it closes now, or when its last connection ends."""
+        export = self._exports.pop(name, None)
+        if export is not None:
+            export.retired = True
+            if export.connections == 0:
+                export.close()
+        return export
 
     def visible_exports(self) -> Iterable[ExportInfo]:
         return [export.info for export in self._exports.values()]
