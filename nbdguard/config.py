@@ -36,14 +36,15 @@ MAX_STRING_BYTES = 4096  # NBD's limit for export names and descriptions
 TOP_KEYS = ("server", "exports")
 SERVER_KEYS = (
     "listen", "metrics_listen", "log_format", "log_level", "request_metrics",
-    "handshake_timeout", "max_connections", "max_requests_in_flight", "tls",
+    "handshake_timeout", "max_connections", "max_requests_in_flight", "tls", "idle_timeout",
+    "max_options", "max_option_length",
 )  # fmt: skip
 TLS_KEYS = ("mode", "cert", "key", "ca")
 TlsMode = Literal["off", "on", "require"]
 TLS_MODES: tuple[TlsMode, ...] = ("off", "on", "require")
 GUARD_KEYS = ("header_guard", "allow_headers", "on_existing_header")
 CHAIN_KEYS = ("allow_dirs", "max_chain_depth", "backing")
-ACCESS_KEYS = ("allow_clients", "allow_addresses")
+ACCESS_KEYS = ("allow_clients", "allow_addresses", "max_connections")
 EXPORT_KEYS = (
     "name", "path", "format", "read_only", "description", *GUARD_KEYS, *CHAIN_KEYS, *ACCESS_KEYS
 )  # fmt: skip
@@ -102,6 +103,9 @@ class ServerConfig:
     max_connections: int = 100  # open client connections, all exports together
     max_requests_in_flight: int = 256  # per connection; beyond it the server stops reading
     tls: TlsConfig = TlsConfig()
+    idle_timeout: float = 0.0  # seconds without requests before a connection is closed; 0: never
+    max_options: int = 64  # option requests per handshake
+    max_option_length: int = 16 * 1024  # bytes of one option request's payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +133,7 @@ class ExportConfig:
     # like "CN=web01" need a verified client certificate; networks apply to TCP clients.
     allow_clients: tuple[str, ...] = ()
     allow_addresses: tuple[IPNetwork, ...] = ()
+    max_connections: int | None = None  # this export's share of [server] max_connections
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +339,11 @@ def _parse_server(table: _Table, base_dir: Path) -> ServerConfig:
         max_requests_in_flight=int(
             table.number("max_requests_in_flight", 256, minimum=1, integer=True)
         ),
+        idle_timeout=table.number("idle_timeout", 0.0, minimum=0),
+        max_options=int(table.number("max_options", 64, minimum=1, integer=True)),
+        max_option_length=int(
+            table.number("max_option_length", 16 * 1024, minimum=4096 + 8, integer=True)
+        ),
         tls=_parse_tls(
             table.table("tls", table.where.replace("[server]", "[server.tls]")), base_dir
         ),
@@ -425,6 +435,11 @@ def _parse_export(table: _Table, base_dir: Path) -> ExportConfig:
         backing=_backing_pins(table, base_dir),
         allow_clients=_client_subjects(table),
         allow_addresses=_networks(table),
+        max_connections=(
+            int(table.number("max_connections", 1, minimum=1, integer=True))
+            if "max_connections" in table.data
+            else None
+        ),
     )
 
 

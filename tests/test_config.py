@@ -45,7 +45,8 @@ on_existing_header = "warn"
 EXPORT = '[[exports]]\nname = "a"\npath = "a.raw"\nformat = "raw"\n'
 SERVER_ALLOWED = (
     "listen", "metrics_listen", "log_format", "log_level", "request_metrics",
-    "handshake_timeout", "max_connections", "max_requests_in_flight", "tls",
+    "handshake_timeout", "max_connections", "max_requests_in_flight", "tls", "idle_timeout",
+    "max_options", "max_option_length",
 )  # fmt: skip
 EXPORT_ALLOWED = (
     "name",
@@ -61,6 +62,7 @@ EXPORT_ALLOWED = (
     "backing",
     "allow_clients",
     "allow_addresses",
+    "max_connections",
 )
 
 
@@ -658,3 +660,20 @@ def test_tls_table_and_access_keys(tmp_path: Path) -> None:
 )
 def test_bad_tls_and_access_keys_are_named(tmp_path: Path, text: str, message: str) -> None:
     assert any(message in problem for problem in problems_of(tmp_path, text))
+
+
+def test_more_limit_keys(tmp_path: Path) -> None:
+    text = (
+        "[server]\nidle_timeout = 30\nmax_options = 8\nmax_option_length = 8192\n"
+        + EXPORT
+        + "max_connections = 2\n"
+    )
+    config = load_config(write(tmp_path, text))
+    assert (config.server.idle_timeout, config.server.max_options) == (30, 8)
+    assert config.server.max_option_length == 8192
+    assert config.exports[0].max_connections == 2
+    defaults = load_config(write(tmp_path, EXPORT))
+    assert defaults.server.idle_timeout == 0 and defaults.exports[0].max_connections is None
+    assert "must be at least 4104" in one_problem(
+        tmp_path, "[server]\nmax_option_length = 100\n" + EXPORT
+    )

@@ -45,6 +45,9 @@ class ExportDirectory(Protocol):
 
     def find(self, name: str) -> ExportInfo | None: ...
 
+    def admit(self, name: str) -> str | None:
+        """Why a client may not start using this export now (None: it may)."""
+
 
 @dataclass(frozen=True, slots=True)
 class HandshakeLimits:
@@ -253,6 +256,10 @@ class Handshake:
         if export is None:
             self._close(f"unknown export {name!r} (NBD_OPT_EXPORT_NAME)", "unknown_export")
             return
+        refusal = self._directory.admit(name)
+        if refusal is not None:
+            self._close(f"export {name!r} refused: {refusal}", "export_busy")
+            return
         flags = self._flags_for(export)
         self._out += wire.export_name_reply(export.size, flags, self.no_zeroes)
         self._finish(export)
@@ -274,6 +281,10 @@ class Handshake:
         export = self._directory.find(name)
         if export is None:
             raise OptionError(OptionReply.ERR_UNKNOWN, f"unknown export {name!r}")
+        if option == Option.GO:
+            refusal = self._directory.admit(name)
+            if refusal is not None:
+                raise OptionError(OptionReply.ERR_POLICY, refusal)
         info = wire.info_export(export.size, self._flags_for(export))
         self._reply(option, OptionReply.INFO, info)
         if Info.NAME in requests:

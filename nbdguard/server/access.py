@@ -9,7 +9,7 @@ not use is absent from its LIST and unknown to its INFO/GO, so its name does not
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,9 +76,15 @@ def _matches(wanted: dict[str, str], subject: dict[str, str]) -> bool:
 class ClientView:
     """The handshake's ExportDirectory for one connection."""
 
-    def __init__(self, registry: ExportRegistry, client: ClientIdentity) -> None:
+    def __init__(
+        self,
+        registry: ExportRegistry,
+        client: ClientIdentity,
+        on_limit: Callable[[str, str], None] = lambda limit, export: None,
+    ) -> None:
         self.registry = registry
         self.client = client
+        self.on_limit = on_limit
 
     def visible_exports(self) -> Iterable[ExportInfo]:
         return [
@@ -92,3 +98,11 @@ class ClientView:
         if export is None or not allows(export.config, self.client):
             return None
         return export.info
+
+    def admit(self, name: str) -> str | None:
+        export = self.registry.get(name)
+        limit = export.config.max_connections if export is not None else None
+        if export is None or limit is None or export.connections < limit:
+            return None
+        self.on_limit("export_max_connections", name)
+        return f"the export already has its maximum of {limit} connections"

@@ -31,7 +31,10 @@ class Server:
         self.config = config
         self.log: Any = get_logger()
         self.registry = ExportRegistry()
-        self.handshake_limits = HandshakeLimits()
+        self.handshake_limits = HandshakeLimits(
+            max_options=config.server.max_options,
+            max_option_length=config.server.max_option_length,
+        )
         self.tls_context = server_context(config.server.tls)
         self.handshake_timeout = config.server.handshake_timeout
         self.max_connections = config.server.max_connections

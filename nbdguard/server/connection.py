@@ -50,6 +50,9 @@ class Connection(asyncio.BufferedProtocol):
         self._closer: asyncio.Future[None] | None = None
         self.closed = asyncio.get_running_loop().create_future()
         self._lost = False
+        self._loop = asyncio.get_running_loop()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._last_request = 0.0
 
     # -- asyncio callbacks ---------------------------------------------------------
 
@@ -71,7 +74,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         self.server.connections.add(self)
         self.handshake = Handshake(
-            ClientView(self.server.registry, self.client),
+            ClientView(self.server.registry, self.client, self._limit_hit),
             self.server.handshake_limits,
             tls_mode=self.server.config.server.tls.mode,
         )
@@ -109,6 +112,8 @@ class Connection(asyncio.BufferedProtocol):
             self.dispatcher.metrics.connection_closed()
         if self.export is not None:
             self.export.detach()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         self.log.info(
             "connection.closed", export=self.export_name, error=repr(exc) if exc else None
         )
@@ -198,8 +203,31 @@ class Connection(asyncio.BufferedProtocol):
         self.log.info(
             "connection.ready", structured_replies=done.structured_replies, flags=done.flags
         )
+        idle_timeout = self.server.config.server.idle_timeout
+        if idle_timeout:
+            self._last_request = self._loop.time()
+            self._idle_timer = self._loop.call_later(idle_timeout, self._check_idle)
         if done.leftover:
             self._serve_all(self._parse(lambda parser: parser.receive(done.leftover)))
+
+    def _check_idle(self) -> None:
+        """Close a connection that sent no request for idle_timeout seconds (and has none
+        in flight); checked by one timer, not per request."""
+        timeout = self.server.config.server.idle_timeout
+        idle = self._loop.time() - self._last_request
+        busy = self.dispatcher is not None and bool(self.dispatcher.tasks or self._backlog)
+        if idle < timeout or busy:
+            self._idle_timer = self._loop.call_later(max(timeout - idle, 0.05), self._check_idle)
+            return
+        self._idle_timer = None
+        self.server.metrics.limit_hit("idle_timeout")
+        self.log.info("connection.idle_timeout", idle_seconds=round(idle, 3))
+        if self.transport is not None:
+            self.transport.close()
+
+    def _limit_hit(self, limit: str, export: str) -> None:
+        self.server.metrics.limit_hit(limit)
+        self.log.warning("connection.refused", limit=limit, export=export)
 
     def _handshake_expired(self) -> None:
         if self.handshake is not None and self.transport is not None:
@@ -217,6 +245,8 @@ class Connection(asyncio.BufferedProtocol):
     # -- transmission ----------------------------------------------------------------
 
     def _receive_requests(self, nbytes: int) -> None:
+        if self._idle_timer is not None:
+            self._last_request = self._loop.time()
         self._serve_all(self._parse(lambda parser: parser.buffer_updated(nbytes)))
 
     def _parse(self, feed: Any) -> list[Request]:

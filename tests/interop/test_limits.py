@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -86,4 +87,66 @@ def test_max_requests_in_flight_pauses_reading_and_loses_nothing(tmp_path: Path)
         assert data[i * 4096 : i * 4096 + 4096] == bytes([i % 251 + 1]) * 4096
     h.shutdown()
     assert (server.sample("nbdguard_limit_hits_total", limit="max_requests_in_flight") or 0) >= 1
+    assert server.stop() == 0
+
+
+def test_per_export_max_connections(tmp_path: Path) -> None:
+    exports = [ExportSpec("small", size=1 << 20, extra={"max_connections": 1}), ExportSpec("big")]
+    server = start_server(tmp_path / "s", exports, metrics=True)
+    holder = nbd.NBD()
+    holder.connect_uri(server.uri("small"))
+    refused = nbd.NBD()
+    with pytest.raises(nbd.Error, match="policy"):
+        refused.connect_uri(server.uri("small"))  # GO answered with ERR_POLICY
+    other = nbd.NBD()
+    other.connect_uri(server.uri("big"))  # other exports are unaffected
+    other.shutdown()
+    assert server.sample("nbdguard_limit_hits_total", limit="export_max_connections") == 1
+    holder.shutdown()
+    time.sleep(0.2)
+    again = nbd.NBD()
+    again.connect_uri(server.uri("small"))
+    again.shutdown()
+    assert server.stop() == 0
+    assert '"limit": "export_max_connections"' in server.log()
+
+
+def test_idle_timeout_closes_only_idle_connections(tmp_path: Path) -> None:
+    server = start_server(
+        tmp_path / "s", [ExportSpec("vm1", size=1 << 20)], idle_timeout=0.6, metrics=True
+    )
+    idle, busy = nbd.NBD(), nbd.NBD()
+    idle.connect_uri(server.uri("vm1"))
+    busy.connect_uri(server.uri("vm1"))
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        busy.pread(512, 0)  # keeps asking: never idle
+        time.sleep(0.1)
+    with pytest.raises(nbd.Error):
+        idle.pread(512, 0)
+    assert busy.pread(512, 0) == bytes(512)
+    assert server.sample("nbdguard_limit_hits_total", limit="idle_timeout") == 1
+    busy.shutdown()
+    assert server.stop() == 0
+    assert '"connection.idle_timeout"' in server.log()
+
+
+def test_option_limits_are_configurable(tmp_path: Path) -> None:
+    server = start_server(
+        tmp_path / "s", [ExportSpec("vm1", size=1 << 20)], max_options=3, metrics=True
+    )
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(server.socket_path))
+        client.settimeout(5)
+        assert len(client.recv(18)) == 18
+        client.sendall(struct.pack(">I", 3))  # fixed newstyle, no zeroes
+        list_option = struct.pack(">QII", 0x49484156454F5054, 3, 0)  # NBD_OPT_LIST
+        client.sendall(list_option * 4)
+        received = b""
+        while chunk := client.recv(65536):
+            received += chunk
+    assert received.count(struct.pack(">Q", 0x3E889045565A9)) >= 3  # three answered
+    assert (
+        server.sample("nbdguard_handshake_failures_total", reason="too_many_options") == 1
+    )  # the fourth closed it
     assert server.stop() == 0
