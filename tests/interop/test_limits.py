@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
@@ -149,4 +150,72 @@ def test_option_limits_are_configurable(tmp_path: Path) -> None:
     assert (
         server.sample("nbdguard_handshake_failures_total", reason="too_many_options") == 1
     )  # the fourth closed it
+    assert server.stop() == 0
+
+
+def test_slow_loris_clients_are_cut_off_and_others_served(tmp_path: Path) -> None:
+    server = start_server(
+        tmp_path / "s", [ExportSpec("vm1", size=1 << 20)], handshake_timeout=1, metrics=True
+    )
+    session = struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 7, 4) + b"\0\0\0\0"
+    slow = []
+    for _ in range(30):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(server.socket_path))
+        sock.settimeout(5)
+        slow.append(sock)
+    started = time.monotonic()
+    handle = nbd.NBD()
+    handle.connect_uri(server.uri("vm1"))
+    position = 0
+    while time.monotonic() - started < 2.5 and position < len(session):
+        for sock in slow:  # one byte each, round after round: never a whole option
+            with contextlib.suppress(OSError):
+                sock.send(session[position : position + 1])
+        position += 1
+        assert handle.pread(512, 0) == bytes(512)  # the prompt client is served throughout
+        time.sleep(0.2)
+    for sock in slow:
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(4096):
+                data += chunk
+        sock.close()
+    assert time.monotonic() - started < 6
+    timeouts = server.sample("nbdguard_handshake_failures_total", reason="timeout")
+    assert timeouts is not None and timeouts >= 30
+    handle.shutdown()
+    assert server.stop() == 0
+
+
+def test_connection_flood_is_refused_beyond_the_limit(tmp_path: Path) -> None:
+    server = start_server(
+        tmp_path / "s", [ExportSpec("vm1", size=1 << 20)], max_connections=50, metrics=True
+    )
+    flood = []
+    for _ in range(300):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        flood.append(sock)
+    greeted = 0
+    for sock in flood:
+        with contextlib.suppress(OSError):
+            if len(sock.recv(18)) == 18:
+                greeted += 1
+    assert 1 <= greeted <= 50
+    hits = server.sample("nbdguard_limit_hits_total", limit="max_connections")
+    assert hits is not None and hits >= 250
+    for sock in flood:
+        sock.close()
+    deadline = time.monotonic() + 5
+    handle = nbd.NBD()
+    while True:  # once the flood is gone, service resumes
+        try:
+            handle.connect_uri(server.uri("vm1", "tcp"))
+            break
+        except nbd.Error:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+            handle = nbd.NBD()
+    assert handle.pread(512, 0) == bytes(512)
+    handle.shutdown()
     assert server.stop() == 0
