@@ -184,7 +184,7 @@ def peer_servers(work: Path, images: dict[str, Path]) -> list[Server]:
                 ],
             )
         )
-    if qemu_format != "raw":
+    if qemu_format != "raw" or "nbdkit" not in images:
         return servers  # nbdkit's and nbd-server's qcow2 support is not comparable
     if shutil.which("nbdkit"):
         sock = work / "nbdkit.sock"
