@@ -8,8 +8,8 @@ compressed, shared with a snapshot) gets a new cluster filled with the current g
 around the written bytes. Metadata changes stay in memory until a flush writes them in the
 order that keeps the image consistent after a crash (see `refcounts.py`).
 
-All public methods take one lock: `flush` runs in a worker thread and must not interleave
-with a request mutating the tables.
+All public methods take one lock, since `flush` runs in a worker thread; the flush holds it
+only to capture what to write, not during its writes and syncs.
 """
 
 from __future__ import annotations
@@ -19,12 +19,18 @@ import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from nbdguard.storage.device import DATA, HOLE_ZERO, BlockDevice, Buffer, Capabilities, Extent
 from nbdguard.storage.qcow2.compressed import compressed_extent, host_clusters, inflate
 from nbdguard.storage.qcow2.header import AUTOCLEAR_OFFSET, MAX_HOST_OFFSET, Qcow2Header
 from nbdguard.storage.qcow2.hostfile import HostFile
-from nbdguard.storage.qcow2.refcounts import Refcounts, load_table, table_bytes
+from nbdguard.storage.qcow2.refcounts import (
+    Refcounts,
+    RefcountWrites,
+    load_table,
+    table_bytes,
+)
 
 OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
 COPIED = 1 << 63
@@ -42,6 +48,13 @@ Segment = tuple[int, int, int, int]  # (kind, guest offset, length, host offset 
 L2_CACHE_BYTES = 32 << 20
 BLOCK_STATUS_CLUSTERS = 16384  # clusters examined per BLOCK_STATUS request at most
 ZERO_CHUNK = 1 << 20
+
+
+@dataclass(slots=True)
+class _MetadataWrites:
+    refcounts: RefcountWrites
+    tables: list[tuple[int, bytes]]  # L2 tables: (host offset, table)
+    l1: bytes | None
 
 
 class Qcow2Image(BlockDevice):
@@ -76,6 +89,7 @@ class Qcow2Image(BlockDevice):
         self._l2_limit = max(16, L2_CACHE_BYTES // self.cluster_size)
         self._inflated: OrderedDict[int, bytes] = OrderedDict()
         self._lock = threading.RLock()
+        self._flush_order = threading.Lock()
         writable = not host.file.read_only
         self.refcounts = Refcounts(host, header) if writable else None
         self.capabilities = Capabilities(
@@ -104,13 +118,15 @@ class Qcow2Image(BlockDevice):
         return table
 
     def _trim_cache(self) -> None:
-        """Bound the L2 cache; called only between requests, when no table is in use."""
+        """Bound the L2 cache by dropping clean tables, oldest first; called only between
+        requests, when no table is in use. Dirty tables stay until a flush writes them."""
         if len(self._l2) <= self._l2_limit:
             return
-        if self._l2_dirty:
-            self._flush_locked()
-        while len(self._l2) > self._l2_limit // 2:
-            self._l2.popitem(last=False)
+        for offset in list(self._l2):
+            if len(self._l2) <= self._l2_limit // 2:
+                break
+            if offset not in self._l2_dirty:
+                del self._l2[offset]
 
     def _entry(self, cluster: int) -> tuple[int, int]:
         index = cluster >> self.l2_bits
@@ -450,27 +466,54 @@ class Qcow2Image(BlockDevice):
     # Durability
 
     def flush(self) -> None:
-        with self._lock:
-            self._flush_locked()
+        """Make every completed write durable, in the order that keeps the image consistent
+        after a crash: refcounts, then L2 tables, then L1, each synced before the next refers
+        to it; only then are released clusters freed (in memory; written by the next flush).
 
-    def _flush_locked(self) -> None:
-        """Refcounts, then L2 tables, then L1 — each durable before the next refers to it."""
+        What to write is captured under the image lock; the writes and syncs run without it
+        (requests go on meanwhile), and one flush at a time (a later flush must not be
+        overtaken by an earlier one's older copy of a table).
+        """
         if self.refcounts is None:
             return
-        if self.external_data and self._l2_dirty:
-            self.data.sync()
-        self.refcounts.write_increments()
-        for offset in sorted(self._l2_dirty):
-            self.host.write(table_bytes(self._l2[offset]), offset)
-        wrote_tables = bool(self._l2_dirty)
+        with self._flush_order:
+            with self._lock:
+                writes = self._take_metadata()
+            try:
+                self._write_metadata(writes)
+            except BaseException:
+                with self._lock:
+                    self._give_back(writes)
+                raise
+            with self._lock:
+                self.refcounts.apply_frees(writes.refcounts.frees)
+
+    def _take_metadata(self) -> _MetadataWrites:
+        assert self.refcounts is not None
+        tables = [(offset, table_bytes(self._l2[offset])) for offset in sorted(self._l2_dirty)]
+        l1 = table_bytes(self.l1) if self.l1_dirty else None
         self._l2_dirty.clear()
-        if self.l1_dirty:
-            if wrote_tables:
+        self.l1_dirty = False
+        return _MetadataWrites(self.refcounts.take_increments(), tables, l1)
+
+    def _give_back(self, writes: _MetadataWrites) -> None:
+        assert self.refcounts is not None
+        self.refcounts.give_back(writes.refcounts)
+        self._l2_dirty.update(offset for offset, _ in writes.tables if offset in self._l2)
+        self.l1_dirty = self.l1_dirty or writes.l1 is not None
+
+    def _write_metadata(self, writes: _MetadataWrites) -> None:
+        assert self.refcounts is not None
+        if self.external_data and writes.tables:
+            self.data.sync()  # data before the entries that expose it
+        self.refcounts.write(writes.refcounts)
+        for offset, data in writes.tables:
+            self.host.write(data, offset)
+        if writes.l1 is not None:
+            if writes.tables:
                 self.host.sync()
-            self.host.write(table_bytes(self.l1), self.header.l1_table_offset)
-            self.l1_dirty = False
+            self.host.write(writes.l1, self.header.l1_table_offset)
         self.host.sync()
-        self.refcounts.apply_frees()
 
     def cache(self, offset: int, length: int) -> None:
         """Advisory; the host page cache already serves repeated reads."""
@@ -542,9 +585,8 @@ class Qcow2Image(BlockDevice):
     def close(self) -> None:
         try:
             if self.refcounts is not None:
-                with self._lock:
-                    self._flush_locked()
-                    self.host.sync()  # the decrements the flush wrote last
+                self.flush()
+                self.flush()  # writes the decrements the first one applied: no leaks
         finally:
             self.host.close()
             if self.external_data:

@@ -1,7 +1,7 @@
 """Cluster reference counts of a writable qcow2 image, and cluster allocation.
 
-Changes are made in memory and written by `write_increments` (refcount blocks, then the
-table, then — if the table moved — the header) before any L2/L1 entry that needs them, so
+Changes are made in memory and written at a flush (refcount blocks, then the table, then —
+if the table moved — the header) before any L2/L1 entry that needs them, so
 on disk a refcount is never lower than the number of references to its cluster: a crash
 leaves at most leaked clusters. Decrements wait in `pending_frees` until the entries that
 referenced the clusters are durably gone (`apply_frees`), and a cluster is reused only
@@ -13,13 +13,14 @@ from __future__ import annotations
 import errno
 import struct
 from array import array
+from dataclasses import dataclass
 
 from nbdguard.storage.qcow2.header import MAX_HOST_OFFSET, MAX_REFCOUNT_TABLE_BYTES, Qcow2Header
 from nbdguard.storage.qcow2.hostfile import HostFile
 
 TABLE_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
 _HEADER_TABLE_FIELDS = struct.Struct(">QI")  # refcount_table_offset, refcount_table_clusters
-_HEADER_TABLE_OFFSET = 48
+_HEADER_AT = 48  # where those two fields are in the header
 
 
 def load_table(host: HostFile, offset: int, length: int) -> array[int]:
@@ -36,6 +37,19 @@ def table_bytes(table: array[int]) -> bytes:
     copy = array("Q", table)
     copy.byteswap()
     return copy.tobytes()
+
+
+@dataclass(slots=True)
+class RefcountWrites:
+    blocks: list[tuple[int, bytes]]  # (host offset, block)
+    table: tuple[int, bytes] | None  # (host offset, whole table) when it changed
+    moved_from: tuple[int, int] | None  # the old table (offset, clusters) once switched
+    frees: list[tuple[int, int]]  # decrements that wait for this flush's L2/L1 writes
+    dirty_indexes: set[int]
+
+    @property
+    def empty(self) -> bool:
+        return not self.blocks and self.table is None
 
 
 class Refcounts:
@@ -148,7 +162,7 @@ class Refcounts:
         return block
 
     def _grow_table(self, needed: int) -> None:
-        """Move the refcount table to a larger place (in memory until `write_increments`)."""
+        """Move the refcount table to a larger place (in memory until a flush writes it)."""
         entries_per_cluster = self.cluster_size // 8
         entries = max(needed, len(self.table)) * 3 // 2 + entries_per_cluster
         clusters = -(-entries // entries_per_cluster)
@@ -177,29 +191,53 @@ class Refcounts:
 
     # Durability
 
-    def write_increments(self) -> None:
-        """Write blocks and table, sync, and switch the header to a moved table."""
-        if not self.dirty:
-            return
-        for index in sorted(self.dirty_blocks):
-            offset = self.table[index] & TABLE_OFFSET_MASK
-            self.host.write(self.blocks[index], offset)
+    def take_increments(self) -> RefcountWrites:
+        """What the next flush must write, captured (and the dirty marks cleared) under the
+        image lock, so the I/O can run without it."""
+        writes = RefcountWrites(
+            blocks=[
+                (self.table[index] & TABLE_OFFSET_MASK, bytes(self.blocks[index]))
+                for index in sorted(self.dirty_blocks)
+            ],
+            table=(self.table_offset, table_bytes(self.table)) if self.table_dirty else None,
+            moved_from=self.table_moved_from,
+            frees=self.pending_frees,
+            dirty_indexes=set(self.dirty_blocks),
+        )
         self.dirty_blocks.clear()
-        if self.table_dirty:
-            self.host.write(table_bytes(self.table), self.table_offset)
-            self.table_dirty = False
-        self.host.sync()
-        if self.table_moved_from is not None:
-            fields = _HEADER_TABLE_FIELDS.pack(self.table_offset, self.table_clusters)
-            self.host.write(fields, _HEADER_TABLE_OFFSET)
-            self.host.sync()
-            self.pending_frees.append(self.table_moved_from)
-            self.table_moved_from = None
+        self.table_dirty = False
+        self.table_moved_from = None
+        self.pending_frees = []
+        return writes
 
-    def apply_frees(self) -> None:
-        """Drop the references whose removal is now durable, and write the blocks (unsynced:
-        a decrement lost in a crash is only a leak)."""
-        frees, self.pending_frees = self.pending_frees, []
+    def give_back(self, writes: RefcountWrites) -> None:
+        """A flush failed: what it took is dirty (and pending) again."""
+        self.dirty_blocks |= writes.dirty_indexes
+        self.table_dirty = self.table_dirty or writes.table is not None
+        if writes.moved_from is not None and self.table_moved_from is None:
+            self.table_moved_from = writes.moved_from
+        self.pending_frees = writes.frees + self.pending_frees
+
+    def write(self, writes: RefcountWrites) -> None:
+        """Blocks and table, synced; then, if the table moved, the header switched to it."""
+        if writes.empty:
+            return
+        for offset, data in writes.blocks:
+            self.host.write(data, offset)
+        if writes.table is not None:
+            offset, data = writes.table
+            self.host.write(data, offset)
+        self.host.sync()
+        if writes.moved_from is not None:
+            assert writes.table is not None
+            clusters = len(writes.table[1]) >> self.cluster_bits
+            self.host.write(_HEADER_TABLE_FIELDS.pack(writes.table[0], clusters), _HEADER_AT)
+            self.host.sync()
+            writes.frees.append(writes.moved_from)
+
+    def apply_frees(self, frees: list[tuple[int, int]]) -> None:
+        """Drop references whose removal is now durable (in memory: the next flush writes
+        the blocks; a decrement lost in a crash is only a leak)."""
         for offset, clusters in frees:
             first = offset >> self.cluster_bits
             for cluster in range(first, first + clusters):
@@ -209,7 +247,3 @@ class Refcounts:
                 self.set(cluster, value - 1)
                 if value == 1:
                     self.free_hint = min(self.free_hint, cluster)
-        if not self.table_dirty:  # decrements never allocate; this is just the blocks
-            for index in sorted(self.dirty_blocks):
-                self.host.write(self.blocks[index], self.table[index] & TABLE_OFFSET_MASK)
-            self.dirty_blocks.clear()
