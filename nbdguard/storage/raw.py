@@ -7,7 +7,6 @@ killing the process with SIGBUS; the page cache keeps both views coherent.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import mmap
 import os
@@ -67,12 +66,7 @@ class RawImage(BlockDevice):
         return fileops.extents(self._fd, offset, length, max_extents)
 
     def close(self) -> None:
-        with contextlib.suppress(BufferError):
-            self._view.release()
-        if self._map is not None:
-            # A reply may still reference the mapping; then garbage collection unmaps it.
-            with contextlib.suppress(BufferError):
-                self._map.close()
+        fileops.unmap(self._view, self._map)
         self.file.close()
 
     def _try_fallocate(self, operation: ZeroingCall, offset: int, length: int) -> bool:

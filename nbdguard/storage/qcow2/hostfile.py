@@ -8,10 +8,10 @@ until the mapping is renewed, which happens once the file has grown by a quarter
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 
+from nbdguard.storage import fileops
 from nbdguard.storage.device import Buffer
 from nbdguard.storage.pinned import OpenedFile
 
@@ -64,8 +64,4 @@ class HostFile:
         os.fdatasync(self.fd)
 
     def close(self) -> None:
-        with contextlib.suppress(BufferError):
-            self._view.release()
-        if self._map is not None:
-            with contextlib.suppress(BufferError):
-                self._map.close()
+        fileops.unmap(self._view, self._map)

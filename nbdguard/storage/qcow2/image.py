@@ -521,66 +521,94 @@ class Qcow2Image(BlockDevice):
     # Block status
 
     def block_status(self, offset: int, length: int, max_extents: int) -> list[Extent]:
+        """base:allocation: this layer's data and zeros, the layer below elsewhere."""
+
+        def below(position: int, count: int, limit: int) -> list[Extent]:
+            assert self.backing is not None
+            return self.backing.block_status(position, count, limit)
+
+        def ours(kind: int) -> int:
+            return HOLE_ZERO if kind == KIND_ZERO else DATA
+
+        return self._status(
+            offset,
+            length,
+            max_extents,
+            ours=ours,
+            below=below,
+            relabel=lambda flags: flags,
+            past_end=HOLE_ZERO,
+        )
+
+    def allocation_depth(self, offset: int, length: int, max_extents: int) -> list[Extent]:
+        """qemu:allocation-depth: 1 where this layer holds the bytes, below it one more
+        than the layer below says, 0 where none does."""
+
+        def below(position: int, count: int, limit: int) -> list[Extent]:
+            assert self.backing is not None
+            return self.backing.allocation_depth(position, count, limit)
+
+        def deeper(depth: int) -> int:
+            return depth + 1 if depth else 0
+
+        past_end = 2 if self.backing is not None else 0  # a short layer below: QEMU's count
+        return self._status(
+            offset,
+            length,
+            max_extents,
+            ours=lambda kind: 1,
+            below=below,
+            relabel=deeper,
+            past_end=past_end,
+        )
+
+    def _status(
+        self,
+        offset: int,
+        length: int,
+        max_extents: int,
+        *,
+        ours: Callable[[int], int],
+        below: Callable[[int, int, int], list[Extent]],
+        relabel: Callable[[int], int],
+        past_end: int,
+    ) -> list[Extent]:
         with self._lock:
             self._trim_cache()
             length = min(length, BLOCK_STATUS_CLUSTERS << self.cluster_bits)
             extents: list[Extent] = []
             for kind, position, count, _ in self._segments(offset, length):
                 if kind == KIND_BACKING:
-                    self._backing_status(extents, position, count, max_extents)
+                    run = (position, count, max_extents)
+                    self._status_below(extents, run, below, relabel, past_end)
                 else:
-                    _add_extent(extents, count, HOLE_ZERO if kind == KIND_ZERO else DATA)
+                    _add_extent(extents, count, ours(kind))
                 if len(extents) > max_extents:
                     break
             return extents[:max_extents]
 
-    def _backing_status(self, extents: list[Extent], position: int, count: int, limit: int) -> None:
+    def _status_below(
+        self,
+        extents: list[Extent],
+        run: tuple[int, int, int],
+        below: Callable[[int, int, int], list[Extent]],
+        relabel: Callable[[int], int],
+        past_end: int,
+    ) -> None:
+        """Extents of a run this layer does not hold, from the layer below; past the end of
+        that layer (or without one) the bytes read as zeros and get `past_end`."""
+        position, count, limit = run
         end = position + count
         backing_end = min(end, self.backing.size) if self.backing is not None else position
         while position < backing_end and len(extents) <= limit:
-            assert self.backing is not None
-            for reported, flags in self.backing.block_status(
-                position, backing_end - position, limit
-            ):
+            for reported, value in below(position, backing_end - position, limit):
                 length = min(reported, backing_end - position)
-                _add_extent(extents, length, flags)
+                _add_extent(extents, length, relabel(value))
                 position += length
                 if position >= backing_end:
                     break
         if position < end and len(extents) <= limit:
-            _add_extent(extents, end - max(position, backing_end), HOLE_ZERO)
-
-    def allocation_depth(self, offset: int, length: int, max_extents: int) -> list[Extent]:
-        with self._lock:
-            self._trim_cache()
-            length = min(length, BLOCK_STATUS_CLUSTERS << self.cluster_bits)
-            extents: list[Extent] = []
-            for kind, position, count, _ in self._segments(offset, length):
-                if kind != KIND_BACKING:
-                    _add_extent(extents, count, 1)
-                else:
-                    self._backing_depth(extents, position, count, max_extents)
-                if len(extents) > max_extents:
-                    break
-            return extents[:max_extents]
-
-    def _backing_depth(self, extents: list[Extent], position: int, count: int, limit: int) -> None:
-        end = position + count
-        backing_end = min(end, self.backing.size) if self.backing is not None else position
-        while position < backing_end and len(extents) <= limit:
-            assert self.backing is not None
-            for reported, depth in self.backing.allocation_depth(
-                position, backing_end - position, limit
-            ):
-                length = min(reported, backing_end - position)
-                _add_extent(extents, length, depth + 1 if depth else 0)
-                position += length
-                if position >= backing_end:
-                    break
-        if position < end and len(extents) <= limit:
-            # Past a short backing file: QEMU counts the zeros as the backing layer's.
-            depth = 2 if self.backing is not None else 0
-            _add_extent(extents, end - max(position, backing_end), depth)
+            _add_extent(extents, end - max(position, backing_end), past_end)
 
     def close(self) -> None:
         try:
