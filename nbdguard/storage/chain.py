@@ -122,11 +122,15 @@ class ChainResolver:
         writable = index == 0 and not self.config.read_only
         opened = self.open_file(index, named, writable=writable, regular_only=index > 0)
         layer = ChainLayer(index, named, opened, fmt, source)
-        if fmt == "qcow2":
-            layer.header = self.read_header(index, opened)
-            self.check_writable(index, opened, layer.header)
-            if layer.header.data_file_name is not None:
-                layer.data_file = self.open_data_file(index, named, layer.header, writable)
+        try:
+            if fmt == "qcow2":
+                layer.header = self.read_header(index, opened)
+                self.check_writable(index, opened, layer.header)
+                if layer.header.data_file_name is not None:
+                    layer.data_file = self.open_data_file(index, named, layer.header, writable)
+        except BaseException:
+            layer.close()  # not in the chain yet: chain.close() would not reach it
+            raise
         return layer
 
     def open_file(
@@ -139,10 +143,8 @@ class ChainResolver:
             layer=index,
             regular_only=regular_only,
             lock=self.lock,
+            already_open=self.seen,
         )
-        if opened.identity in self.seen:
-            opened.close()
-            raise self.refuse(index, named, "cycle", "this file already appears in the chain")
         self.seen.add(opened.identity)
         return opened
 

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +42,15 @@ def open_pinned(
     layer: int = 0,
     regular_only: bool = False,
     lock: bool = True,
+    already_open: Set[tuple[int, int]] = frozenset(),
 ) -> OpenedFile:
     """Open one file of an export's chain, or raise ChainRefused saying exactly why not.
 
     O_NONBLOCK keeps a FIFO from blocking the open; the descriptor is then refused
     as not a regular file. Block devices are accepted unless `regular_only`. `lock=False`
-    is for inspecting an image that may be in use, never for serving it.
+    is for inspecting an image that may be in use, never for serving it. A file whose
+    (st_dev, st_ino) is in `already_open` is a cycle, refused before locking (our own lock
+    on its first open would otherwise make it look locked by someone else).
     """
     resolved = Path(os.path.realpath(path))
     flags = os.O_RDONLY if read_only else os.O_RDWR
@@ -62,6 +66,9 @@ def open_pinned(
         if not (stat.S_ISREG(info.st_mode) or (block_device and not regular_only)):
             wanted = "a regular file" if regular_only else "a regular file or block device"
             raise ChainRefused(export, layer, str(resolved), "not_regular_file", f"not {wanted}")
+        if (info.st_dev, info.st_ino) in already_open:
+            detail = "this file already appears in the chain"
+            raise ChainRefused(export, layer, str(path), "cycle", detail)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         if lock:
             _lock(fd, resolved, read_only=read_only, export=export, layer=layer)
