@@ -988,14 +988,14 @@ def test_serve_reports_a_refused_export_and_serves_the_others(tmp_path: Path) ->
         assert sample(text, "nbdguard_export_up", export="chain-ok") == 1
         assert sample(text, "nbdguard_chain_refused_total", export="chain-ok") in (None, 0)
         status, body = server.scrape("/healthz")
-        assert status == 503, body
+        assert status == 503 and EXPORT in body, body
     finally:
         assert server.stop() == 0, server.log()
     refused = [event for event in events(server.log()) if event.get("event") == "chain.refused"]
     assert len(refused) == 1, server.log()
     [event] = refused
     assert event["export"] == EXPORT and event["reason"] == "outside_allow_dirs"
-    assert event["layer"] == 1
+    assert event["layer"] == 1 and event["level"] == "error"
     assert "elsewhere" in str(event["path"]) or "base.raw" in str(event["path"])
     message = str(event["message"])
     assert "reason=outside_allow_dirs" in message and EXPORT in message and "layer 1" in message
