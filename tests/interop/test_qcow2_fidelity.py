@@ -522,7 +522,8 @@ def qemu_check_after_crash(top: Path) -> int:
     return result.returncode
 
 
-def test_kill_9_keeps_flushed_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cluster_size", ["4k", "64k"])
+def test_kill_9_keeps_flushed_writes(tmp_path: Path, cluster_size: str) -> None:
     require("qemu-img", "qemu-io")
     images = tmp_path / "images"
     images.mkdir()
@@ -530,7 +531,8 @@ def test_kill_9_keeps_flushed_writes(tmp_path: Path) -> None:
         images,
         "qemu-img create -q -f raw base.raw 32M",
         "qemu-io -f raw -c 'write -P 0x5c 0 32M' base.raw",
-        "qemu-img create -q -f qcow2 -o cluster_size=64k -b base.raw -F raw top.qcow2 32M",
+        f"qemu-img create -q -f qcow2 -o cluster_size={cluster_size} -b base.raw -F raw "
+        "top.qcow2 32M",
     )
     top = images / "top.qcow2"
     rng = random.Random(2024)
