@@ -32,7 +32,6 @@ _SHORT_NAMES = {
 @dataclass(slots=True)
 class ClientIdentity:
     address: ipaddress.IPv4Address | ipaddress.IPv6Address | None  # None: Unix socket
-    tls: bool = False
     subject: dict[str, str] = field(default_factory=dict)  # verified certificate only
 
     @classmethod
@@ -45,7 +44,6 @@ class ClientIdentity:
         return cls(None)
 
     def set_certificate(self, certificate: dict[str, Any] | None) -> None:
-        self.tls = True
         self.subject = {}
         for rdn in (certificate or {}).get("subject", ()):
             for key, value in rdn:

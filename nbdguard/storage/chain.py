@@ -49,10 +49,6 @@ class ChainLayer:
     header: Qcow2Header | None = None
     data_file: OpenedFile | None = None
 
-    @property
-    def writable(self) -> bool:
-        return not self.file.read_only
-
     def close(self) -> None:
         if self.data_file is not None:
             self.data_file.close()

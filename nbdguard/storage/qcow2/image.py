@@ -273,15 +273,15 @@ class Qcow2Image(BlockDevice):
         last = (offset + len(view) - 1) >> self.cluster_bits
         cluster = first
         while cluster <= last:
-            slot = (cluster & self.l2_mask) * self.words
-            word = table[slot]
-            bitmap = table[slot + 1] if self.extended else 0
+            word, bitmap = self._words(table, cluster)
             in_place = self._in_place(word, bitmap)
             stop = cluster + 1
-            while stop <= last and self._in_place(*self._words(table, stop)) == in_place:
-                if in_place and self._host_of(table[(stop & self.l2_mask) * self.words]) != (
-                    self._host_of(word) + ((stop - cluster) << self.cluster_bits)
-                ):
+            while stop <= last:
+                next_word, next_bitmap = self._words(table, stop)
+                if self._in_place(next_word, next_bitmap) != in_place:
+                    break
+                contiguous = (stop - cluster) << self.cluster_bits
+                if in_place and self._host_of(next_word) != self._host_of(word) + contiguous:
                     break
                 stop += 1
             start_byte = max(offset, cluster << self.cluster_bits)
