@@ -70,21 +70,28 @@ def inspect_chain(
 
 def _describe(layer: ChainLayer) -> dict[str, object]:
     header = layer.header
-    return {
+    described: dict[str, object] = {
         "layer": layer.index,
         "path": str(layer.file.path),
         "format": layer.format,
         "format_source": layer.format_source,
         "virtual_size": header.size if header is not None else layer.file.size,
-        "cluster_size": header.cluster_size if header is not None else None,
-        "version": header.version if header is not None else None,
-        "backing_name": header.backing_name if header is not None else None,
-        "backing_format": header.backing_format if header is not None else None,
-        "data_file": str(layer.data_file.path) if layer.data_file is not None else None,
-        "compression": header.compression if header is not None else None,
-        "extended_l2": header.extended_l2 if header is not None else None,
-        "snapshots": header.nb_snapshots if header is not None else None,
     }
+    qcow2_fields = ("cluster_size", "version", "backing_name", "backing_format", "data_file",
+                    "compression", "extended_l2", "snapshots")  # fmt: skip
+    described.update(dict.fromkeys(qcow2_fields))
+    if header is not None:
+        described.update(
+            cluster_size=header.cluster_size,
+            version=header.version,
+            backing_name=header.backing_name,
+            backing_format=header.backing_format,
+            data_file=str(layer.data_file.path) if layer.data_file is not None else None,
+            compression=header.compression,
+            extended_l2=header.extended_l2,
+            snapshots=header.nb_snapshots,
+        )
+    return described
 
 
 def pin_stanza(report: ChainReport, name: str, path: Path) -> str:
