@@ -37,7 +37,7 @@ TOP_KEYS = ("server", "exports")
 SERVER_KEYS = (
     "listen", "metrics_listen", "log_format", "log_level", "request_metrics",
     "handshake_timeout", "max_connections", "max_requests_in_flight", "tls", "idle_timeout",
-    "max_options", "max_option_length",
+    "max_options", "max_option_length", "send_buffer",
 )  # fmt: skip
 TLS_KEYS = ("mode", "cert", "key", "ca")
 TlsMode = Literal["off", "on", "require"]
@@ -106,6 +106,7 @@ class ServerConfig:
     idle_timeout: float = 0.0  # seconds without requests before a connection is closed; 0: never
     max_options: int = 64  # option requests per handshake
     max_option_length: int = 16 * 1024  # bytes of one option request's payload
+    send_buffer: int = 4 << 20  # SO_SNDBUF per connection (capped by wmem_max); 0: kernel's
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +345,7 @@ def _parse_server(table: _Table, base_dir: Path) -> ServerConfig:
         max_option_length=int(
             table.number("max_option_length", 16 * 1024, minimum=4096 + 8, integer=True)
         ),
+        send_buffer=int(table.number("send_buffer", 4 << 20, minimum=0, integer=True)),
         tls=_parse_tls(
             table.table("tls", table.where.replace("[server]", "[server.tls]")), base_dir
         ),

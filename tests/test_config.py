@@ -46,7 +46,7 @@ EXPORT = '[[exports]]\nname = "a"\npath = "a.raw"\nformat = "raw"\n'
 SERVER_ALLOWED = (
     "listen", "metrics_listen", "log_format", "log_level", "request_metrics",
     "handshake_timeout", "max_connections", "max_requests_in_flight", "tls", "idle_timeout",
-    "max_options", "max_option_length",
+    "max_options", "max_option_length", "send_buffer",
 )  # fmt: skip
 EXPORT_ALLOWED = (
     "name",
@@ -677,3 +677,10 @@ def test_more_limit_keys(tmp_path: Path) -> None:
     assert "must be at least 4104" in one_problem(
         tmp_path, "[server]\nmax_option_length = 100\n" + EXPORT
     )
+
+
+def test_send_buffer(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, EXPORT)).server.send_buffer == 4 << 20
+    config = load_config(write(tmp_path, "[server]\nsend_buffer = 0\n" + EXPORT))
+    assert config.server.send_buffer == 0
+    assert "must be an integer" in one_problem(tmp_path, '[server]\nsend_buffer = "4M"\n' + EXPORT)

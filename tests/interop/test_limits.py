@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.interop.conftest import ExportSpec, start_server
+from tests.interop.conftest import ExportSpec, require, start_server
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
 pytestmark = pytest.mark.interop
@@ -218,4 +220,28 @@ def test_connection_flood_is_refused_beyond_the_limit(tmp_path: Path) -> None:
             handle = nbd.NBD()
     assert handle.pread(512, 0) == bytes(512)
     handle.shutdown()
+    assert server.stop() == 0
+
+
+def _server_send_buffers(pid: int, socket_path: Path) -> list[int]:
+    """SO_SNDBUF (as `ss` reports it: twice what was asked) of the server's accepted sockets."""
+    lines = subprocess.run(
+        ["ss", "-xmpH", "state", "established"], check=True, capture_output=True, text=True
+    ).stdout.splitlines()
+    mine = [line for line in lines if str(socket_path) in line and f"pid={pid}," in line]
+    return [int(re.search(r"\btb(\d+)", line).group(1)) for line in mine]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("asked", [1 << 20, 0])
+def test_send_buffer_is_applied_to_client_sockets(tmp_path: Path, asked: int) -> None:
+    require("ss")
+    server = start_server(tmp_path / "s", [ExportSpec("vm1", size=1 << 20)], send_buffer=asked)
+    client = nbd.NBD()
+    client.connect_uri(server.uri("vm1"))
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    wmem_default = int(Path("/proc/sys/net/core/wmem_default").read_text())
+    expected = 2 * min(asked, wmem_max) if asked else wmem_default
+    assert _server_send_buffers(server.process.pid, server.socket_path) == [expected]
+    assert client.pread(4096, 0) == bytes(4096)
+    client.shutdown()
     assert server.stop() == 0
