@@ -40,37 +40,49 @@ _ALLOWED_FLAGS: dict[int, int] = {
     Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
     Command.BLOCK_STATUS: CommandFlag.REQ_ONE,
 }
-_MODIFYING = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
-_GROWING = frozenset({Command.WRITE, Command.WRITE_ZEROES})  # past the end: ENOSPC
+# This runs once per request: plain ints, not enum members (an IntFlag `&` builds a new
+# enum object each time).
+_FORBIDDEN_FLAGS = {int(command): ~int(flags) for command, flags in _ALLOWED_FLAGS.items()}
+_MODIFYING = frozenset(int(c) for c in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES))
+_GROWING = frozenset(int(c) for c in (Command.WRITE, Command.WRITE_ZEROES))  # past end: ENOSPC
 _RANGED = frozenset(
-    {
+    int(c)
+    for c in (
         Command.READ,
         Command.WRITE,
         Command.TRIM,
         Command.CACHE,
         Command.WRITE_ZEROES,
         Command.BLOCK_STATUS,
-    }
+    )
+)
+_READ = int(Command.READ)
+_BLOCK_STATUS = int(Command.BLOCK_STATUS)
+_DF = int(CommandFlag.DF)
+_OK, _EINVAL, _EPERM, _ENOSPC, _EOVERFLOW = (
+    NBDError.OK,
+    NBDError.EINVAL,
+    NBDError.EPERM,
+    NBDError.ENOSPC,
+    NBDError.EOVERFLOW,
 )
 
 
 def validate(request: Request, limits: SessionLimits) -> NBDError:
     """Return the error the request must be answered with, or NBDError.OK."""
     command = request.command
-    allowed = _ALLOWED_FLAGS.get(command)
-    if allowed is None or request.flags & ~int(allowed):
-        return NBDError.EINVAL
-    if request.oversized:
-        return NBDError.EINVAL
+    forbidden = _FORBIDDEN_FLAGS.get(command)
+    if forbidden is None or request.flags & forbidden or request.oversized:
+        return _EINVAL
     if command in _MODIFYING and limits.read_only:
-        return NBDError.EPERM
-    if command == Command.READ:
-        if request.flags & CommandFlag.DF and not limits.structured_replies:
-            return NBDError.EINVAL
+        return _EPERM
+    if command == _READ:
+        if request.flags & _DF and not limits.structured_replies:
+            return _EINVAL
         if request.length > limits.max_payload:
-            return NBDError.EOVERFLOW
-    if command == Command.BLOCK_STATUS and (not limits.has_meta_context or not request.length):
-        return NBDError.EINVAL
+            return _EOVERFLOW
+    elif command == _BLOCK_STATUS and (not limits.has_meta_context or not request.length):
+        return _EINVAL
     if command in _RANGED and request.offset + request.length > limits.size:
-        return NBDError.ENOSPC if command in _GROWING else NBDError.EINVAL
-    return NBDError.OK
+        return _ENOSPC if command in _GROWING else _EINVAL
+    return _OK

@@ -27,6 +27,7 @@ OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
 REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 CHUNK_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+DATA_CHUNK_HEADER = struct.Struct(">IHHQIQ")  # chunk header + offset of an OFFSET_DATA chunk
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
@@ -80,14 +81,22 @@ def simple_reply(cookie: int, error: int) -> bytes:
     return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
 
 
+_DONE = int(ReplyFlag.DONE)
+_OFFSET_DATA = int(ChunkType.OFFSET_DATA)
+
+
 def chunk_header(cookie: int, kind: ChunkType, length: int, done: bool) -> bytes:
-    flags = ReplyFlag.DONE if done else 0
+    flags = _DONE if done else 0
     return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, flags, kind, cookie, length)
 
 
 def data_chunk_header(cookie: int, offset: int, length: int, done: bool) -> bytes:
-    """Header plus offset of an OFFSET_DATA chunk; the data itself follows separately."""
-    return chunk_header(cookie, ChunkType.OFFSET_DATA, 8 + length, done) + OFFSET.pack(offset)
+    """Header plus offset of an OFFSET_DATA chunk; the data itself follows separately.
+    (Plain ints and one pack: this runs once per read.)"""
+    flags = _DONE if done else 0
+    return DATA_CHUNK_HEADER.pack(
+        STRUCTURED_REPLY_MAGIC, flags, _OFFSET_DATA, cookie, 8 + length, offset
+    )
 
 
 def hole_chunk(cookie: int, offset: int, length: int, done: bool) -> bytes:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from nbdguard.server.exports import Export
 
 _ids = itertools.count(1)
+_DISC = int(Command.DISC)
 HANDSHAKE_BUFFER = 64 * 1024
 
 
@@ -278,7 +279,7 @@ class Connection(asyncio.BufferedProtocol):
         try:
             while self._backlog and not self._busy:
                 request = self._backlog.popleft()
-                if request.command == Command.DISC:
+                if request.command == _DISC:
                     self._backlog.clear()
                     self._disconnect()
                     return

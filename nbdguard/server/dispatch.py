@@ -28,6 +28,13 @@ from nbdguard.server.exports import Export
 from nbdguard.storage.device import Buffer, Extent
 
 ZERO = int(AllocationFlag.ZERO)  # OFFSET_HOLE means "reads as zeroes"
+# Per-request tests use plain ints: `int & IntFlag` builds a new enum object every time.
+_FUA = int(CommandFlag.FUA)
+_DF = int(CommandFlag.DF)
+_NO_HOLE = int(CommandFlag.NO_HOLE)
+_FAST_ZERO = int(CommandFlag.FAST_ZERO)
+_REQ_ONE = int(CommandFlag.REQ_ONE)
+_OK = NBDError.OK
 
 SPARSE_READ_MIN = 64 * 1024  # smaller reads are sent as data: a hole probe costs more
 READ_MAX_EXTENTS = 64
@@ -78,7 +85,7 @@ class Dispatcher:
             self.finished(request, self.fail(request, exc), started)
             return
         if not pending:
-            self.finished(request, NBDError.OK, started)
+            self.finished(request, _OK, started)
 
     def finished(self, request: Request, error: int, started: float) -> None:
         self.metrics.request_finished(request.command, request.length, error, started)
@@ -149,7 +156,7 @@ class Dispatcher:
         """Structured read that sends holes as OFFSET_HOLE chunks (one chunk when DF)."""
         cookie, offset, length = request.cookie, request.offset, request.length
         extents = self.device.block_status(offset, length, READ_MAX_EXTENTS)
-        if request.flags & CommandFlag.DF:
+        if request.flags & _DF:
             if extents[0][0] >= length and extents[0][1] & ZERO:
                 self.send([wire.hole_chunk(cookie, offset, length, done=True)])
             else:
@@ -195,13 +202,13 @@ class Dispatcher:
             self.device.write_zeroes(
                 request.offset,
                 request.length,
-                may_trim=not flags & CommandFlag.NO_HOLE,
-                fast=bool(flags & CommandFlag.FAST_ZERO),
+                may_trim=not flags & _NO_HOLE,
+                fast=bool(flags & _FAST_ZERO),
             )
         return self._finish_write(request, started)
 
     def _finish_write(self, request: Request, started: float) -> bool:
-        if request.flags & CommandFlag.FUA:
+        if request.flags & _FUA:
             return self.flush(request, started)
         self.reply_ok(request)
         return False
@@ -226,7 +233,7 @@ class Dispatcher:
         return False
 
     def block_status(self, request: Request, started: float) -> bool:
-        limit = 1 if request.flags & CommandFlag.REQ_ONE else STATUS_MAX_EXTENTS
+        limit = 1 if request.flags & _REQ_ONE else STATUS_MAX_EXTENTS
         last = len(self.contexts) - 1
         chunks = []
         for index, context in enumerate(self.contexts):

@@ -78,6 +78,11 @@ class Layer(BlockDevice):
         self.inner = inner
         self.size = inner.size
         self.capabilities = inner.capabilities
+        # What this layer does not override calls the inner device directly: a layer adds
+        # no Python frame to the requests it passes through (reads, under the guard).
+        for name in _PASS_THROUGH:
+            if getattr(type(self), name) is getattr(Layer, name):
+                setattr(self, name, getattr(inner, name))
 
     def pread(self, offset: int, length: int) -> Buffer:
         return self.inner.pread(offset, length)
@@ -105,3 +110,8 @@ class Layer(BlockDevice):
 
     def close(self) -> None:
         self.inner.close()
+
+
+_PASS_THROUGH = tuple(
+    name for name in vars(Layer) if not name.startswith("_") and callable(vars(Layer)[name])
+)

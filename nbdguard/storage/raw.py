@@ -37,7 +37,11 @@ class RawImage(BlockDevice):
         return self._view[offset : offset + length]
 
     def pwrite(self, data: Buffer, offset: int) -> None:
-        view = memoryview(data)
+        written = os.pwrite(self._fd, data, offset)
+        if written == len(data):  # the usual case: one call, no views
+            return
+        view = memoryview(data)[written:]
+        offset += written
         while view:
             written = os.pwrite(self._fd, view, offset)
             view = view[written:]

@@ -16,7 +16,7 @@ from tests.interop.conftest import ExportSpec, require, start_server
 
 pytestmark = pytest.mark.interop
 
-SIZE = "256M"
+SIZE = "1G"
 COMMON = ["--name=w", "--rw=randwrite", "--bs=4k", f"--size={SIZE}", "--verify=crc32c"]
 
 
@@ -28,7 +28,7 @@ def verified_blocks(output: str) -> int:
 
 def test_sigterm_during_fio_keeps_every_acknowledged_write(tmp_path: Path) -> None:
     require("fio")
-    server = start_server(tmp_path / "srv", [ExportSpec("vm1", size=256 << 20)])
+    server = start_server(tmp_path / "srv", [ExportSpec("vm1", size=1 << 30)])
     writer = subprocess.Popen(
         ["fio", "--ioengine=nbd", f"--uri={server.uri('vm1')}", "--iodepth=32",
          "--verify_state_save=1", "--do_verify=0", *COMMON],
@@ -45,6 +45,6 @@ def test_sigterm_during_fio_keeps_every_acknowledged_write(tmp_path: Path) -> No
     )  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
     blocks = verified_blocks(check.stdout)
-    assert 500 < blocks < (256 << 20) // 4096  # stopped mid-run, with real progress
+    assert 500 < blocks < (1 << 30) // 4096  # stopped mid-run, with real progress
     log = server.log()
     assert '"server.stopping"' in log and '"server.stopped"' in log
