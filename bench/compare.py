@@ -2,8 +2,10 @@
 
 Every server serves its own copy of the same image over a Unix socket; the same fio
 (ioengine=nbd) jobs run against each, interleaved A B C D, B C D A, … for several
-rounds, and the table reports medians and the ratio nbdguard / peer. Server CPU time
-per GiB moved (from /proc) and peak RSS are recorded too.
+rounds, and the table reports medians and the ratio nbdguard / peer. Servers are
+restarted every round with the image copies rotated among them, because copies of one
+file differ in how costly the kernel makes writing to them. Server CPU time per GiB
+moved (from /proc) and peak RSS (the largest of any round) are recorded too.
 
     .venv/bin/python -m bench.compare                 # all jobs, 3 rounds
     .venv/bin/python -m bench.compare --jobs randread-4k seqread-1m --rounds 5
@@ -54,15 +56,16 @@ class Server:
     pid_file: Path | None = None  # for servers that daemonize (nbd-server)
     process: subprocess.Popen[bytes] | None = None
     pid: int = 0
-    results: dict[str, list[float]] = field(default_factory=dict)
-    cpu_per_gib: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def uri(self) -> str:
         return f"nbd+unix:///{self.export}?socket={self.socket}"
 
     def start(self, log: Path) -> None:
-        with open(log, "wb") as out:
+        for stale in (self.socket, self.pid_file):  # left by the previous round's server
+            if stale is not None:
+                stale.unlink(missing_ok=True)
+        with open(log, "ab") as out:
             self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while not self._accepting():
@@ -118,21 +121,22 @@ def make_image(path: Path, size: int) -> None:
 IMAGE_KINDS = ("raw", "qcow2-allocated", "qcow2-overlay")
 
 
-def make_images(work: Path, names: list[str], kind: str, size: int) -> dict[str, Path]:
-    """Every server gets its own image made the same way; then the page cache settles."""
+def make_images(work: Path, count: int, kind: str, size: int) -> list[Path]:
+    """`count` image files made the same way (one per server); then the page cache settles."""
     source = work / "source.raw"
     make_image(source, size)
-    images = {}
-    for name in names:
+    images = []
+    for number in range(count):
         if kind == "raw":
-            images[name] = work / f"{name}.raw"
-            shutil.copyfile(source, images[name])
+            image = work / f"image{number}.raw"
+            shutil.copyfile(source, image)
         elif kind == "qcow2-allocated":
-            images[name] = work / f"{name}.qcow2"
-            qemu_img("convert", "-O", "qcow2", str(source), str(images[name]))
+            image = work / f"image{number}.qcow2"
+            qemu_img("convert", "-O", "qcow2", str(source), str(image))
         else:
-            images[name] = work / f"{name}.qcow2"
-            qemu_img("create", "-f", "qcow2", "-b", str(source), "-F", "raw", str(images[name]))
+            image = work / f"image{number}.qcow2"
+            qemu_img("create", "-f", "qcow2", "-b", str(source), "-F", "raw", str(image))
+        images.append(image)
     if kind != "qcow2-overlay":
         source.unlink()
     os.sync()
@@ -286,70 +290,75 @@ def main(argv: list[str] | None = None) -> int:
         names = [name for name, _, _ in variants] + ["qemu-nbd"]
         if args.image == "raw":
             names += ["nbdkit", "nbd-server"]
-        images = make_images(work, names, args.image, args.size_mib << 20)
-        servers = [
-            nbdguard_server(work, images[name], name, extra, server_extra)
-            for name, extra, server_extra in variants
-        ]
-        servers += peer_servers(work, images)
-        size = f"{args.size_mib}M"
-        copies: dict[str, list[float]] = {}
-        with running(servers, work):
-            for round_number in range(args.rounds):
-                # rotate who goes first each round so no server always follows the same one
-                shift = round_number % len(servers)
-                order = servers[shift:] + servers[:shift]
-                for job in args.jobs:
-                    for server in order:
-                        before = server.cpu_seconds()
-                        mib_s, moved = run_fio(server, job, size, args.runtime)
-                        cpu = server.cpu_seconds() - before
-                        server.results.setdefault(job, []).append(mib_s)
-                        server.cpu_per_gib.setdefault(job, []).append(cpu / (moved / (1 << 30)))
-                if not args.no_copy and shutil.which("nbdcopy"):
-                    for server in order:
-                        copies.setdefault(server.name, []).append(nbdcopy_seconds(server, work))
-            rss = {
-                server.name: (server.memory_mib("VmHWM"), server.memory_mib("RssAnon"))
-                for server in servers
-            }
-        print(report(servers, args, copies, rss))
+        files = make_images(work, len(names), args.image, args.size_mib << 20)
+        totals = Totals()
+        for round_number in range(args.rounds):
+            # Image files rotate between servers every round: copies of one image can differ
+            # by tens of percent in the kernel's cost of writing to them (how their page
+            # cache happens to be laid out), and that must not stick to one server.
+            images = {name: files[(i + round_number) % len(files)] for i, name in enumerate(names)}
+            servers = [
+                nbdguard_server(work, images[name], name, extra, server_extra)
+                for name, extra, server_extra in variants
+            ]
+            servers += peer_servers(work, images)
+            # and who goes first rotates too, so no server always follows the same one
+            shift = round_number % len(servers)
+            with running(servers, work):
+                run_round(servers[shift:] + servers[:shift], args, work, totals)
+        print(report(names, args, totals))
     return 0
 
 
-def report(
-    servers: list[Server],
-    args: argparse.Namespace,
-    copies: dict[str, list[float]],
-    rss: dict[str, tuple[float, float]],
-) -> str:
-    ours = servers[0]
-    peers = servers[1:]
+@dataclass
+class Totals:
+    """Every round's measurements, by server name."""
+
+    throughput: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    cpu_per_gib: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    copy_seconds: dict[str, list[float]] = field(default_factory=dict)
+    rss: dict[str, tuple[float, float]] = field(default_factory=dict)  # peak, anon
+
+
+def run_round(servers: list[Server], args: argparse.Namespace, work: Path, totals: Totals) -> None:
+    size = f"{args.size_mib}M"
+    for job in args.jobs:
+        for server in servers:
+            before = server.cpu_seconds()
+            mib_s, moved = run_fio(server, job, size, args.runtime)
+            cpu = server.cpu_seconds() - before
+            totals.throughput.setdefault((server.name, job), []).append(mib_s)
+            totals.cpu_per_gib.setdefault((server.name, job), []).append(cpu / (moved / (1 << 30)))
+    if not args.no_copy and shutil.which("nbdcopy"):
+        for server in servers:
+            totals.copy_seconds.setdefault(server.name, []).append(nbdcopy_seconds(server, work))
+    for server in servers:
+        peak, anon = server.memory_mib("VmHWM"), server.memory_mib("RssAnon")
+        old_peak, old_anon = totals.rss.get(server.name, (0.0, 0.0))
+        totals.rss[server.name] = (max(peak, old_peak), max(anon, old_anon))
+
+
+def report(names: list[str], args: argparse.Namespace, totals: Totals) -> str:
+    ours, peers = names[0], names[1:]
     lines = [
         f"rounds={args.rounds} runtime={args.runtime}s image={args.size_mib} MiB {args.image}; "
         "medians in MiB/s (CPU s/GiB of the server); ratio = nbdguard / peer",
         "",
-        "| job | "
-        + " | ".join(s.name for s in servers)
-        + " | "
-        + " | ".join(f"÷ {p.name}" for p in peers)
-        + " |",
-        "|---" * (len(servers) + len(peers) + 1) + "|",
+        "| job | " + " | ".join(names) + " | " + " | ".join(f"÷ {p}" for p in peers) + " |",
+        "|---" * (len(names) + len(peers) + 1) + "|",
     ]
     for job in args.jobs:
-        medians = {s.name: statistics.median(s.results[job]) for s in servers}
-        cpu = {s.name: statistics.median(s.cpu_per_gib[job]) for s in servers}
-        cells = [f"{medians[s.name]:.0f} ({cpu[s.name]:.2f})" for s in servers]
-        ratios = [f"{medians[ours.name] / medians[p.name]:.2f}" for p in peers]
+        medians = {n: statistics.median(totals.throughput[n, job]) for n in names}
+        cpu = {n: statistics.median(totals.cpu_per_gib[n, job]) for n in names}
+        cells = [f"{medians[n]:.0f} ({cpu[n]:.2f})" for n in names]
+        ratios = [f"{medians[ours] / medians[p]:.2f}" for p in peers]
         lines.append(f"| {job} | " + " | ".join(cells + ratios) + " |")
-    if copies:
-        cells = [f"{statistics.median(copies[s.name]):.2f}s" for s in servers]
-        ratios = [
-            f"{statistics.median(copies[p.name]) / statistics.median(copies[ours.name]):.2f}"
-            for p in peers
-        ]
+    if totals.copy_seconds:
+        copies = {n: statistics.median(totals.copy_seconds[n]) for n in names}
+        cells = [f"{copies[n]:.2f}s" for n in names]
+        ratios = [f"{copies[p] / copies[ours]:.2f}" for p in peers]
         lines.append("| nbdcopy whole disk (time) | " + " | ".join(cells + ratios) + " |")
-    memory = [f"{rss[s.name][0]:.0f} / {rss[s.name][1]:.0f}" for s in servers]
+    memory = [f"{totals.rss[n][0]:.0f} / {totals.rss[n][1]:.0f}" for n in names]
     lines.append("| peak RSS / anon RSS MiB | " + " | ".join(memory) + " |" + " |" * len(peers))
     return "\n".join(lines)
 
