@@ -19,7 +19,7 @@ from nbdguard.protocol.transmission import ProtocolViolation, Request, RequestPa
 from nbdguard.protocol.validate import SessionLimits
 from nbdguard.server.access import ClientIdentity, ClientView
 from nbdguard.server.dispatch import Dispatcher
-from nbdguard.storage.device import Buffer
+from nbdguard.server.output import Piece, ReplyWriter
 
 if TYPE_CHECKING:
     from nbdguard.server.app import Server
@@ -53,8 +53,7 @@ class Connection(asyncio.BufferedProtocol):
         self._closer: asyncio.Future[None] | None = None
         self.closed = asyncio.get_running_loop().create_future()
         self._lost = False
-        self._corked = False
-        self._corked_replies: list[Buffer] = []
+        self._writer: ReplyWriter | None = None  # made when transmission starts
         self._loop = asyncio.get_running_loop()
         self._idle_timer: asyncio.TimerHandle | None = None
         self._last_request = 0.0
@@ -120,6 +119,8 @@ class Connection(asyncio.BufferedProtocol):
             self.export.detach()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        if self._writer is not None:
+            self._writer.close()
         self.log.info(
             "connection.closed", export=self.export_name, error=repr(exc) if exc else None
         )
@@ -128,10 +129,14 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self._writer is not None:
+            self._writer.pause()
         self._set_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._writer is not None:
+            self._writer.resume()  # may fill the transport (and pause us) again
         self._set_reading()
 
     # -- handshake -------------------------------------------------------------------
@@ -204,6 +209,7 @@ class Connection(asyncio.BufferedProtocol):
             on_busy=self._set_busy,
         )
         export.metrics.connection_opened()
+        self._writer = ReplyWriter(self.transport, self._output_failed)
         self.parser = RequestParser(done.export.max_payload)
         self.handshake = None
         self.log.info(
@@ -272,10 +278,10 @@ class Connection(asyncio.BufferedProtocol):
         Replies made meanwhile are gathered and written once, as one writev, instead of one
         send per reply: with many requests per receive that is most of the syscalls.
         """
-        dispatcher = self.dispatcher
-        assert dispatcher is not None
+        dispatcher, writer = self.dispatcher, self._writer
+        assert dispatcher is not None and writer is not None
         self._backlog.extend(requests)
-        self._corked = True
+        writer.cork()
         try:
             while self._backlog and not self._busy:
                 request = self._backlog.popleft()
@@ -285,10 +291,7 @@ class Connection(asyncio.BufferedProtocol):
                     return
                 dispatcher.handle(request)
         finally:
-            self._corked = False
-            if self._corked_replies:
-                pieces, self._corked_replies = self._corked_replies, []
-                self._send(pieces)
+            writer.uncork()
 
     def _disconnect(self) -> None:
         """NBD_CMD_DISC: stop reading, finish what is in flight, then close."""
@@ -317,13 +320,16 @@ class Connection(asyncio.BufferedProtocol):
         if self._closer is None:
             self._closer = asyncio.ensure_future(self.close_after_drain())
 
-    def _send(self, pieces: Sequence[Buffer]) -> None:
-        if self._corked:
-            self._corked_replies.extend(pieces)
-            return
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.writelines(pieces)
+    def _send(self, pieces: Sequence[Piece]) -> None:
+        if self._writer is not None:
+            self._writer.send(pieces)
+
+    def _output_failed(self, err: OSError) -> None:
+        """A reply's data could not be read or sent after its header was: the stream can
+        no longer be framed, so the connection ends."""
+        self.log.warning("connection.send_failed", error=repr(err))
+        if self.transport is not None:
+            self.transport.abort()
 
     def _set_busy(self, busy: bool) -> None:
         if busy:

@@ -25,7 +25,7 @@ from nbdguard.protocol.constants import (
 from nbdguard.protocol.transmission import Request
 from nbdguard.protocol.validate import SessionLimits, validate
 from nbdguard.server.exports import Export
-from nbdguard.storage.device import Buffer, Extent
+from nbdguard.storage.device import Buffer, Extent, FileRange
 
 ZERO = int(AllocationFlag.ZERO)  # OFFSET_HOLE means "reads as zeroes"
 # Per-request tests use plain ints: `int & IntFlag` builds a new enum object every time.
@@ -37,9 +37,11 @@ _REQ_ONE = int(CommandFlag.REQ_ONE)
 _OK = NBDError.OK
 
 SPARSE_READ_MIN = 64 * 1024  # smaller reads are sent as data: a hole probe costs more
+RANGE_READ_MIN = 64 * 1024  # from here up, data the device holds in a file goes by sendfile
 READ_MAX_EXTENTS = 64
 STATUS_MAX_EXTENTS = 4096
-Send = Callable[[Sequence[Buffer]], None]
+Data = Buffer | FileRange
+Send = Callable[[Sequence[Data]], None]
 
 
 class Dispatcher:
@@ -142,15 +144,24 @@ class Dispatcher:
     def read(self, request: Request, started: float) -> bool:
         cookie, offset, length = request.cookie, request.offset, request.length
         if not self.structured:
-            self.send([wire.simple_reply(cookie, 0), self.device.pread(offset, length)])
+            self.send([wire.simple_reply(cookie, 0), self._data(offset, length)])
         elif length >= SPARSE_READ_MIN and self.device.capabilities.sparse_reads:
             self._read_sparse(request)
         elif length:
             header = wire.data_chunk_header(cookie, offset, length, done=True)
-            self.send([header, self.device.pread(offset, length)])
+            self.send([header, self._data(offset, length)])
         else:
             self.send([wire.none_chunk(cookie)])
         return False
+
+    def _data(self, offset: int, length: int) -> Data:
+        """Read data for a reply: a file range when the device has one and the read is large
+        enough for sendfile to beat a copy, else the bytes."""
+        if length >= RANGE_READ_MIN:
+            piece = self.device.read_range(offset, length)
+            if piece is not None:
+                return piece
+        return self.device.pread(offset, length)
 
     def _read_sparse(self, request: Request) -> None:
         """Structured read that sends holes as OFFSET_HOLE chunks (one chunk when DF)."""
@@ -161,15 +172,15 @@ class Dispatcher:
                 self.send([wire.hole_chunk(cookie, offset, length, done=True)])
             else:
                 header = wire.data_chunk_header(cookie, offset, length, done=True)
-                self.send([header, self.device.pread(offset, length)])
+                self.send([header, self._data(offset, length)])
             return
         self.send(self._sparse_chunks(cookie, offset, length, extents))
 
     def _sparse_chunks(
         self, cookie: int, offset: int, length: int, extents: list[Extent]
-    ) -> list[Buffer]:
+    ) -> list[Data]:
         end = offset + length
-        pieces: list[Buffer] = []
+        pieces: list[Data] = []
         pos = offset
         for extent_length, flags in extents:
             stop = min(pos + extent_length, end)
@@ -178,12 +189,12 @@ class Dispatcher:
                 pieces.append(wire.hole_chunk(cookie, pos, stop - pos, done=last))
             else:
                 pieces.append(wire.data_chunk_header(cookie, pos, stop - pos, done=last))
-                pieces.append(self.device.pread(pos, stop - pos))
+                pieces.append(self._data(pos, stop - pos))
             pos = stop
             if last:
                 return pieces
         pieces.append(wire.data_chunk_header(cookie, pos, end - pos, done=True))
-        pieces.append(self.device.pread(pos, end - pos))
+        pieces.append(self._data(pos, end - pos))
         return pieces
 
     def write(self, request: Request, started: float) -> bool:

@@ -21,6 +21,22 @@ DATA = 0
 HOLE_ZERO = int(AllocationFlag.HOLE | AllocationFlag.ZERO)
 
 
+class FileRange:
+    """Device bytes that are, unchanged, bytes of one open file. A reply can carry this
+    instead of the bytes: the connection sends it with sendfile(2) from the page cache,
+    never mapping or copying it into the process."""
+
+    __slots__ = ("fd", "length", "offset")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+
+    def __repr__(self) -> str:
+        return f"FileRange(fd={self.fd}, offset={self.offset}, length={self.length})"
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a device can do; the server derives transmission flags from it."""
@@ -40,6 +56,10 @@ class BlockDevice(ABC):
     @abstractmethod
     def pread(self, offset: int, length: int) -> Buffer:
         """Return `length` bytes at `offset`; may be a view the caller must not keep long."""
+
+    def read_range(self, offset: int, length: int) -> FileRange | None:
+        """The file range holding exactly these bytes, if there is one (else use pread)."""
+        return None
 
     @abstractmethod
     def pwrite(self, data: Buffer, offset: int) -> None: ...
@@ -86,6 +106,9 @@ class Layer(BlockDevice):
 
     def pread(self, offset: int, length: int) -> Buffer:
         return self.inner.pread(offset, length)
+
+    def read_range(self, offset: int, length: int) -> FileRange | None:
+        return self.inner.read_range(offset, length)
 
     def pwrite(self, data: Buffer, offset: int) -> None:
         self.inner.pwrite(data, offset)

@@ -53,6 +53,18 @@ def write_zero_bytes(fd: int, offset: int, length: int, chunk: int = 1 << 20) ->
         offset += written
 
 
+def read_exactly(fd: int, offset: int, length: int) -> bytes:
+    """pread that fails (EIO) rather than return fewer bytes: a short read means the file
+    shrank under us, and a reply must never carry fewer bytes than it announces."""
+    data = os.pread(fd, length, offset)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            raise OSError(errno.EIO, f"file ends before offset {offset + length}")
+        data += more
+    return data
+
+
 def extents(fd: int, offset: int, length: int, max_extents: int) -> list[Extent]:
     """Data/hole extents of `fd` within [offset, offset+length) from SEEK_DATA/SEEK_HOLE."""
     end = offset + length

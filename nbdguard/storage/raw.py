@@ -1,19 +1,20 @@
 """The raw format driver: the image's bytes are the device's bytes.
 
-Reads are zero-copy slices of a read-only shared mapping. Writes go through
-pwrite rather than the mapping, so a full file system reports ENOSPC instead of
-killing the process with SIGBUS; the page cache keeps both views coherent.
+Large reads leave as file ranges that the connection sends with sendfile(2): no copy
+in the process and nothing mapped, so memory stays the server's own however much of
+the image is read. Small reads are one pread (cheaper than a sendfile per reply when
+many replies share one writev). Nothing is mapped, so a file truncated behind our
+back gives EIO, never SIGBUS.
 """
 
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 from collections.abc import Callable
 
 from nbdguard.storage import fileops
-from nbdguard.storage.device import BlockDevice, Buffer, Capabilities, Extent
+from nbdguard.storage.device import BlockDevice, Buffer, Capabilities, Extent, FileRange
 from nbdguard.storage.pinned import OpenedFile
 
 ZeroingCall = Callable[[int, int, int], None]  # (fd, offset, length)
@@ -24,17 +25,16 @@ class RawImage(BlockDevice):
         self.file = file
         self.size = file.size
         self._fd = file.fd
-        self._map = (
-            mmap.mmap(file.fd, file.size, mmap.MAP_SHARED, mmap.PROT_READ) if file.size else None
-        )
-        self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
         self._unsupported: set[ZeroingCall] = set()
         self.capabilities = Capabilities(
             read_only=file.read_only, multi_conn=True, fast_zero=True, sparse_reads=True
         )
 
     def pread(self, offset: int, length: int) -> Buffer:
-        return self._view[offset : offset + length]
+        return fileops.read_exactly(self._fd, offset, length)
+
+    def read_range(self, offset: int, length: int) -> FileRange:
+        return FileRange(self._fd, offset, length)
 
     def pwrite(self, data: Buffer, offset: int) -> None:
         written = os.pwrite(self._fd, data, offset)
@@ -70,7 +70,6 @@ class RawImage(BlockDevice):
         return fileops.extents(self._fd, offset, length, max_extents)
 
     def close(self) -> None:
-        fileops.unmap(self._view, self._map)
         self.file.close()
 
     def _try_fallocate(self, operation: ZeroingCall, offset: int, length: int) -> bool:

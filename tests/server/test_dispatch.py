@@ -4,6 +4,7 @@ from the bytes the dispatcher hands to the transport: no sockets."""
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from nbdguard.protocol.transmission import RequestParser
 from nbdguard.protocol.validate import SessionLimits
 from nbdguard.server.dispatch import Dispatcher
 from nbdguard.server.exports import open_export
+from nbdguard.storage.device import FileRange
 from tests.guard.samples import QEMU_HEADERS
 from tests.protocol.nbdwire import request
 
@@ -40,7 +42,10 @@ class Wire:
 
     def send(self, pieces: Any) -> None:
         for piece in pieces:
-            self.data += piece
+            if isinstance(piece, FileRange):  # what sendfile would put on the wire
+                self.data += os.pread(piece.fd, piece.length, piece.offset)
+            else:
+                self.data += piece
 
     def simple(self, payload: int = 0) -> tuple[int, int, bytes]:
         magic, error, cookie = struct.unpack_from(">IIQ", self.data)

@@ -1,0 +1,169 @@
+"""What a connection sends during transmission, in order.
+
+Replies are buffers and `FileRange`s (image bytes still in the page cache). Buffers go
+through the transport, gathered into one writev per batch of requests. A file range is
+sent with sendfile(2) straight from the page cache to the socket, so read data is
+neither copied into nor mapped by the process; that is only correct while the
+transport holds nothing unsent, so the transport is set to report (pause_writing) as
+soon as it buffers a byte, and replies wait in our queue until it has drained
+(resume_writing). Under TLS, which needs the bytes, ranges are read with pread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import cast
+
+from nbdguard.storage.device import Buffer, FileRange
+from nbdguard.storage.fileops import read_exactly
+
+Piece = Buffer | FileRange
+
+
+class ReplyWriter:
+    """Owns the transport's output once transmission starts."""
+
+    def __init__(self, transport: asyncio.Transport, on_failure: Callable[[OSError], None]) -> None:
+        self._transport = transport
+        self._on_failure = on_failure  # a range could not be sent: the stream is broken
+        self._queue: deque[Piece] = deque()
+        self._ranges = 0  # FileRanges in the queue
+        self._corked = False
+        self.blocked = False  # the transport holds unsent bytes
+        self._socket = _socket_for_sendfile(transport)
+        if self._socket is not None:
+            transport.set_write_buffer_limits(high=0, low=0)
+
+    def send(self, pieces: Sequence[Piece]) -> None:
+        if self._socket is None:
+            self._write_materialized(pieces)
+            return
+        for piece in pieces:
+            if type(piece) is FileRange:
+                self._ranges += 1
+            self._queue.append(piece)
+        if not self._corked:
+            self._flush()
+
+    def cork(self) -> None:
+        """Hold replies until uncork(): those of one receive leave in one writev."""
+        self._corked = True
+
+    def uncork(self) -> None:
+        self._corked = False
+        self._flush()
+
+    def pause(self) -> None:
+        self.blocked = True
+
+    def resume(self) -> None:
+        """The transport has sent everything it held: what waited may go now."""
+        self.blocked = False
+        self._flush()
+
+    def close(self) -> None:
+        self._queue.clear()
+        if self._socket is not None:
+            self._socket.close()  # our duplicate of the descriptor, not the connection
+
+    @property
+    def pending(self) -> int:
+        """Replies (pieces) waiting for the transport to drain."""
+        return len(self._queue)
+
+    def _flush(self) -> None:
+        queue = self._queue
+        transport = self._transport
+        while queue and not self.blocked and not transport.is_closing():
+            if not self._ranges:
+                pieces = cast(list[Buffer], list(queue))  # no ranges among them
+                queue.clear()
+                transport.writelines(pieces)
+                return
+            head: list[Buffer] = []
+            while type(queue[0]) is not FileRange:
+                head.append(queue.popleft())  # type: ignore[arg-type]
+            piece = queue.popleft()
+            assert isinstance(piece, FileRange)
+            self._ranges -= 1
+            try:
+                self._send_direct(head, piece)
+            except OSError as err:
+                queue.clear()
+                self._ranges = 0
+                self._on_failure(err)
+                return
+
+    def _send_direct(self, head: list[Buffer], piece: FileRange) -> None:
+        """Buffers then a range, straight to the socket; what does not fit right now is
+        handed to the transport (which then reports itself blocked)."""
+        assert self._socket is not None
+        sent = 0
+        if head:
+            with contextlib.suppress(BlockingIOError):
+                sent = self._socket.sendmsg(head, (), socket.MSG_MORE)
+            unsent = _skip(head, sent)
+            if unsent:
+                unsent.append(read_exactly(piece.fd, piece.offset, piece.length))
+                self._transport.writelines(unsent)
+                return
+        out = self._socket.fileno()
+        done = 0
+        while done < piece.length:
+            try:
+                count = os.sendfile(out, piece.fd, piece.offset + done, piece.length - done)
+            except BlockingIOError:
+                break
+            if count == 0:
+                raise OSError(errno.EIO, "image file ends inside a read reply")
+            done += count
+        if done < piece.length:
+            rest = read_exactly(piece.fd, piece.offset + done, piece.length - done)
+            self._transport.write(rest)
+
+    def _write_materialized(self, pieces: Iterable[Piece]) -> None:
+        try:
+            out = [
+                read_exactly(p.fd, p.offset, p.length) if type(p) is FileRange else p
+                for p in pieces
+            ]
+        except OSError as err:
+            self._on_failure(err)
+            return
+        if not self._transport.is_closing():
+            self._transport.writelines(out)  # type: ignore[arg-type]
+
+
+def _skip(buffers: list[Buffer], count: int) -> list[Buffer]:
+    """What is left of `buffers` after the first `count` bytes were sent."""
+    for index, buffer in enumerate(buffers):
+        size = len(buffer)
+        if count < size:
+            rest = buffers[index:]
+            rest[0] = memoryview(buffer)[count:]
+            return rest
+        count -= size
+    return []
+
+
+def _socket_for_sendfile(transport: asyncio.Transport) -> socket.socket | None:
+    """A socket object on a duplicate of the connection's descriptor (sendmsg with flags
+    needs one; uvloop only exposes a stand-in), or None when bytes must pass through the
+    transport (TLS)."""
+    if transport.get_extra_info("sslcontext") or transport.get_extra_info("ssl_object"):
+        return None
+    stand_in = transport.get_extra_info("socket")
+    if stand_in is None:
+        return None
+    try:
+        sock = socket.socket(fileno=os.dup(stand_in.fileno()))
+    except OSError:
+        return None
+    sock.setblocking(False)
+    return sock
