@@ -35,6 +35,7 @@ COMMAND_LABELS: dict[int, str] = {
     Command.BLOCK_STATUS: "block_status",
 }
 UNKNOWN_COMMAND = "other"
+_READ, _WRITE = int(Command.READ), int(Command.WRITE)
 
 
 def command_label(command: int) -> str:
@@ -128,11 +129,12 @@ class Metrics:
 class CommandStats:
     """Counts for one (export, command), kept as plain numbers on the hot path."""
 
-    __slots__ = ("buckets", "count", "latency_sum")
+    __slots__ = ("buckets", "bytes", "count", "latency_sum")
 
     def __init__(self) -> None:
         self.count = 0
         self.latency_sum = 0.0
+        self.bytes = 0  # lengths of the requests that succeeded (read/written for READ/WRITE)
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # last one: above 10 s
 
 
@@ -149,8 +151,6 @@ class ExportMetrics:
         self.commands = {int(code): CommandStats() for code in COMMAND_LABELS}
         self.other = CommandStats()
         self.errors: dict[tuple[str, int], int] = {}
-        self.read_bytes = 0
-        self.written_bytes = 0
         self.in_flight = 0
         self._connections = metrics.connections.labels(export=export)
         self._connections_total = metrics.connections_total.labels(export=export)
@@ -195,10 +195,16 @@ class ExportMetrics:
         if error:
             key = (command_label(command), error)
             self.errors[key] = self.errors.get(key, 0) + 1
-        elif command == Command.READ:
-            self.read_bytes += length
-        elif command == Command.WRITE:
-            self.written_bytes += length
+        else:
+            stats.bytes += length
+
+    @property
+    def read_bytes(self) -> int:
+        return self.commands[_READ].bytes
+
+    @property
+    def written_bytes(self) -> int:
+        return self.commands[_WRITE].bytes
 
     def blocked(self, detected_format: str, command: str) -> None:
         self.metrics.header_writes_blocked.labels(

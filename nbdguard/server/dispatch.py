@@ -68,6 +68,8 @@ class Dispatcher:
         self.log = log
         self.debug = debug  # one log event per request: only when asked for
         self.metrics = export.metrics
+        self._started = export.metrics.request_started  # bound once: this is per request
+        self._record = export.metrics.request_finished
         self.tasks: set[asyncio.Task[None]] = set()  # replies still being worked on
         self.max_in_flight = max_in_flight
         self.on_busy = on_busy
@@ -75,7 +77,7 @@ class Dispatcher:
 
     def handle(self, request: Request) -> None:
         """Serve one request; replies are sent inline, or later by a task (flushes)."""
-        started = self.metrics.request_started()
+        started = self._started()
         error = NBDError.ESHUTDOWN if self.shutting_down else validate(request, self.limits)
         if error:
             self.reply_error(request, error)
@@ -87,18 +89,23 @@ class Dispatcher:
             self.finished(request, self.fail(request, exc), started)
             return
         if not pending:
-            self.finished(request, _OK, started)
+            self._record(request.command, request.length, _OK, started)
+            if self.debug:
+                self._log_done(request, _OK)
 
     def finished(self, request: Request, error: int, started: float) -> None:
-        self.metrics.request_finished(request.command, request.length, error, started)
+        self._record(request.command, request.length, error, started)
         if self.debug:
-            self.log.debug(
-                "request.done",
-                command=command_label(request.command),
-                offset=request.offset,
-                length=request.length,
-                error=error,
-            )
+            self._log_done(request, error)
+
+    def _log_done(self, request: Request, error: int) -> None:
+        self.log.debug(
+            "request.done",
+            command=command_label(request.command),
+            offset=request.offset,
+            length=request.length,
+            error=error,
+        )
 
     def fail(self, request: Request, exc: BaseException) -> NBDError:
         """Answer a request whose handler raised; returns the error sent."""
