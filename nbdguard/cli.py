@@ -25,6 +25,7 @@ from nbdguard.errors import NbdguardError
 from nbdguard.inspection import inspect_chain, pin_stanza
 from nbdguard.observability.logging import configure_logging, get_logger
 from nbdguard.server.app import Server
+from nbdguard.server.malloc import keep_freed_buffers
 from nbdguard.storage.stack import build_device
 
 SCRATCH_SIZE = 1 << 30
@@ -74,6 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
             path=str(config.exports[0].path),
             listen=[str(address) for address in config.server.listen],
         )
+    keep_freed_buffers()
     try:
         uvloop.run(_run(config))
     except NbdguardError as err:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import socket
 import ssl
@@ -326,8 +327,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def _output_failed(self, err: OSError) -> None:
         """A reply's data could not be read or sent after its header was: the stream can
-        no longer be framed, so the connection ends."""
-        self.log.warning("connection.send_failed", error=repr(err))
+        no longer be framed, so the connection ends (quietly if the client left)."""
+        gone = err.errno in (errno.EPIPE, errno.ECONNRESET)
+        (self.log.debug if gone else self.log.warning)("connection.send_failed", error=repr(err))
         if self.transport is not None:
             self.transport.abort()
 

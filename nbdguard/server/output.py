@@ -17,7 +17,7 @@ import errno
 import os
 import socket
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from nbdguard.storage.device import Buffer, FileRange
@@ -41,9 +41,6 @@ class ReplyWriter:
             transport.set_write_buffer_limits(high=0, low=0)
 
     def send(self, pieces: Sequence[Piece]) -> None:
-        if self._socket is None:
-            self._write_materialized(pieces)
-            return
         for piece in pieces:
             if type(piece) is FileRange:
                 self._ranges += 1
@@ -80,6 +77,9 @@ class ReplyWriter:
     def _flush(self) -> None:
         queue = self._queue
         transport = self._transport
+        if self._socket is None and queue and not transport.is_closing():
+            self._write_materialized()
+            return
         while queue and not self.blocked and not transport.is_closing():
             if not self._ranges:
                 pieces = cast(list[Buffer], list(queue))  # no ranges among them
@@ -127,7 +127,10 @@ class ReplyWriter:
             rest = read_exactly(piece.fd, piece.offset + done, piece.length - done)
             self._transport.write(rest)
 
-    def _write_materialized(self, pieces: Iterable[Piece]) -> None:
+    def _write_materialized(self) -> None:
+        """No sendfile (TLS): ranges are read here, and everything goes to the transport."""
+        pieces, self._ranges = list(self._queue), 0
+        self._queue.clear()
         try:
             out = [
                 read_exactly(p.fd, p.offset, p.length) if type(p) is FileRange else p
@@ -136,8 +139,7 @@ class ReplyWriter:
         except OSError as err:
             self._on_failure(err)
             return
-        if not self._transport.is_closing():
-            self._transport.writelines(out)  # type: ignore[arg-type]
+        self._transport.writelines(out)  # type: ignore[arg-type]
 
 
 def _skip(buffers: list[Buffer], count: int) -> list[Buffer]:

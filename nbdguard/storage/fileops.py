@@ -6,11 +6,9 @@ cannot punch holes); SEEK_DATA/SEEK_HOLE extents come from os.lseek.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import errno
-import mmap
 import os
 
 from nbdguard.storage.device import DATA, HOLE_ZERO, Extent
@@ -100,12 +98,3 @@ def _merge(items: list[Extent]) -> list[Extent]:
         else:
             merged.append((length, flags))
     return merged
-
-
-def unmap(view: memoryview, mapping: mmap.mmap | None) -> None:
-    """Release a mapping; if a reply still references it, garbage collection unmaps it."""
-    with contextlib.suppress(BufferError):
-        view.release()
-    if mapping is not None:
-        with contextlib.suppress(BufferError):
-            mapping.close()

@@ -1,17 +1,17 @@
 """Byte access to one file of a qcow2 layer (the image itself or its external data file).
 
-Reads are zero-copy slices of a read-only shared mapping, exactly like raw exports; writes
-use pwrite (ENOSPC, not SIGBUS, on a full disk) and the page cache keeps both coherent. A
-writable file grows as clusters are allocated: bytes past the mapping are read with pread
-until the mapping is renewed, which happens once the file has grown by a quarter.
+Reads are preads into memory the process owns, never views of a mapping: a read reply can
+wait in the output queue for as long as the client takes to read it, and a cluster it came
+from may meanwhile be discarded, freed and handed to another guest offset; the reply must
+still carry what the cluster held when it was read. (Raw images have no such reuse and send
+file ranges instead.) Writes use pwrite (ENOSPC, not SIGBUS, on a full disk). Bytes past
+the end of the file read as zeros: a writable image grows as clusters are allocated.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 
-from nbdguard.storage import fileops
 from nbdguard.storage.device import Buffer
 from nbdguard.storage.pinned import OpenedFile
 
@@ -21,32 +21,15 @@ class HostFile:
         self.file = file
         self.fd = file.fd
         self.size = file.size
-        self._map: mmap.mmap | None = None
-        self._view = memoryview(b"")
-        self._remap()
 
-    def _remap(self) -> None:
-        """Map the whole file; the old mapping goes when no reply references it any more."""
-        if not self.size:
-            return
-        self._map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
-        self._view = memoryview(self._map)
-
-    def read(self, offset: int, length: int) -> Buffer:
+    def read(self, offset: int, length: int) -> bytes:
         """`length` bytes at `offset`; bytes past the end of the file read as zeros."""
-        if self.size > len(self._view) * 5 // 4:
-            self._remap()
-        if offset + length <= len(self._view):
-            return self._view[offset : offset + length]
         data = os.pread(self.fd, length, offset)
         if len(data) < length:
             data += bytes(length - len(data))
         return data
 
     def read_into(self, target: memoryview, offset: int) -> None:
-        if offset + len(target) <= len(self._view):
-            target[:] = self._view[offset : offset + len(target)]
-            return
         got = os.preadv(self.fd, [target], offset)
         if got < len(target):
             target[got:] = bytes(len(target) - got)
@@ -64,4 +47,4 @@ class HostFile:
         os.fdatasync(self.fd)
 
     def close(self) -> None:
-        fileops.unmap(self._view, self._map)
+        """Nothing to release: the descriptor belongs to the chain, which closes it."""
