@@ -1,7 +1,7 @@
 """Memory with many connections: nbdguard serving 64 idle connections while 4 busy ones run
 fio (4k random reads, iodepth 32 each), as issue 6 asks. Reports peak RSS (VmHWM), and the
-split of the current RSS into anonymous memory (the process's own) and file pages (the
-mapped image, shared with the page cache).
+split of the current RSS into anonymous memory (the process's own) and file pages (mapped
+files: the interpreter's libraries; image data is read with sendfile/pread, never mapped).
 
     .venv/bin/python -m bench.connections [--idle 64] [--busy 4] [--seconds 10]
 """

@@ -3,8 +3,8 @@
 A client reads 4 KiB blocks at random from a 16 MiB region that is in the page cache
 (iodepth 1, so every request waits for the one before); its latency is measured alone and
 then while a second client streams 1 MiB reads from the rest of the image after it has been
-evicted from the page cache (every page a disk read, taken as a page fault wherever the
-server touches the mapping). Run against nbdguard and qemu-nbd (whose reads run in threads).
+evicted from the page cache (every page a disk read, done by whatever system call the server
+reads with, on its event loop). Run against nbdguard and qemu-nbd (whose reads run in threads).
 
     .venv/bin/python -m bench.stall [--seconds 8]
 """
