@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"at start: RSS {before['VmRSS']:.0f} MiB (anon {before['RssAnon']:.0f})")
     print(
         f"after:    peak RSS {after['VmHWM']:.0f} MiB; RSS {after['VmRSS']:.0f} MiB = "
-        f"anon {after['RssAnon']:.0f} + mapped image pages {after['RssFile']:.0f}"
+        f"anon {after['RssAnon']:.0f} + mapped file pages {after['RssFile']:.0f}"
     )
     return 0
 
