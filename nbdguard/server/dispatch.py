@@ -89,23 +89,18 @@ class Dispatcher:
             self.finished(request, self.fail(request, exc), started)
             return
         if not pending:
-            self._record(request.command, request.length, _OK, started)
-            if self.debug:
-                self._log_done(request, _OK)
+            self.finished(request, _OK, started)
 
     def finished(self, request: Request, error: int, started: float) -> None:
         self._record(request.command, request.length, error, started)
         if self.debug:
-            self._log_done(request, error)
-
-    def _log_done(self, request: Request, error: int) -> None:
-        self.log.debug(
-            "request.done",
-            command=command_label(request.command),
-            offset=request.offset,
-            length=request.length,
-            error=error,
-        )
+            self.log.debug(
+                "request.done",
+                command=command_label(request.command),
+                offset=request.offset,
+                length=request.length,
+                error=error,
+            )
 
     def fail(self, request: Request, exc: BaseException) -> NBDError:
         """Answer a request whose handler raised; returns the error sent."""

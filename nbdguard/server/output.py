@@ -69,11 +69,6 @@ class ReplyWriter:
         if self._socket is not None:
             self._socket.close()  # our duplicate of the descriptor, not the connection
 
-    @property
-    def pending(self) -> int:
-        """Replies (pieces) waiting for the transport to drain."""
-        return len(self._queue)
-
     def _flush(self) -> None:
         queue = self._queue
         transport = self._transport

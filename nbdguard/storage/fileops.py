@@ -51,6 +51,19 @@ def write_zero_bytes(fd: int, offset: int, length: int, chunk: int = 1 << 20) ->
         offset += written
 
 
+def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """pwrite until every byte is written (one call in the usual case, no views made)."""
+    written = os.pwrite(fd, data, offset)
+    if written == len(data):
+        return
+    view = memoryview(data)[written:]
+    offset += written
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
 def read_exactly(fd: int, offset: int, length: int) -> bytes:
     """pread that fails (EIO) rather than return fewer bytes: a short read means the file
     shrank under us, and a reply must never carry fewer bytes than it announces."""

@@ -37,15 +37,7 @@ class RawImage(BlockDevice):
         return FileRange(self._fd, offset, length)
 
     def pwrite(self, data: Buffer, offset: int) -> None:
-        written = os.pwrite(self._fd, data, offset)
-        if written == len(data):  # the usual case: one call, no views
-            return
-        view = memoryview(data)[written:]
-        offset += written
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view = view[written:]
-            offset += written
+        fileops.write_all(self._fd, data, offset)
 
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
         if may_trim and self._try_fallocate(fileops.punch_hole, offset, length):

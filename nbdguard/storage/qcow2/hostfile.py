@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from nbdguard.storage import fileops
 from nbdguard.storage.device import Buffer
 from nbdguard.storage.pinned import OpenedFile
 
@@ -35,13 +36,8 @@ class HostFile:
             target[got:] = bytes(len(target) - got)
 
     def write(self, data: Buffer, offset: int) -> None:
-        view = memoryview(data)
-        end = offset + len(view)
-        while view:
-            written = os.pwrite(self.fd, view, offset)
-            view = view[written:]
-            offset += written
-        self.size = max(self.size, end)
+        fileops.write_all(self.fd, data, offset)
+        self.size = max(self.size, offset + len(data))
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
