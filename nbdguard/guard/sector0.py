@@ -82,6 +82,11 @@ class Sector0Guard(Layer):
             if len(view) > stop - offset:
                 self.inner.pwrite(view[stop - offset :], stop)
 
+    def accepts_partial_writes(self, offset: int) -> bool:
+        """Only writes that start past sector 0: one that touches it is checked whole, so that
+        a refusal leaves every byte of it unwritten."""
+        return offset >= SECTOR and self.inner.accepts_partial_writes(offset)
+
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
         if offset >= SECTOR:
             self.inner.write_zeroes(offset, length, may_trim=may_trim, fast=fast)

@@ -5,6 +5,8 @@ receive straight into it: headers land in a reusable scratch buffer, and a large
 WRITE payload is received directly into its own buffer without another copy.
 A WRITE longer than the maximum payload is not buffered: its payload is skipped
 as it arrives so that the stream stays framed, and the request is flagged.
+While a payload arrives, `partial_write()` tells how much of it is already here,
+so the server can write a large payload in parts instead of waiting for all of it.
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ class RequestParser:
     @property
     def awaiting_payload(self) -> bool:
         return self._pending is not None
+
+    def partial_write(self) -> tuple[Request, int] | None:
+        """The WRITE whose payload is still arriving and how many of its bytes have: that
+        prefix of `payload` is final and stays put until the request completes, so it can be
+        written before the rest arrives. None when no payload is pending or it is skipped."""
+        pending = self._pending
+        if pending is None or pending.payload is None:
+            return None
+        return pending, self._filled
 
     def get_buffer(self) -> memoryview:
         """Where the next received bytes should go."""

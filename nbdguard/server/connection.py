@@ -261,6 +261,12 @@ class Connection(asyncio.BufferedProtocol):
         if self._idle_timer is not None:
             self._last_request = self._loop.time()
         self._serve_all(self._parse(lambda parser: parser.buffer_updated(nbytes)))
+        parser = self.parser
+        if parser is not None and parser.awaiting_payload and not self._backlog:
+            partial = parser.partial_write()  # every request before it has been served
+            if partial is not None:
+                assert self.dispatcher is not None
+                self.dispatcher.payload_arrived(*partial)
 
     def _parse(self, feed: Any) -> list[Request]:
         assert self.parser is not None and self.transport is not None

@@ -1,8 +1,13 @@
 """Serve validated requests against an export's device and encode the replies.
 
-Fast operations (reads from the mapping, pwrite, fallocate, lseek) run inline on
-the event loop and reply at once; flushes (FLUSH, FUA) run in a worker thread,
-so their replies may overtake or trail others: NBD replies are matched by cookie.
+Fast operations (pread, pwrite, fallocate, lseek) run inline on the event loop
+and reply at once; flushes (FLUSH, FUA) run in a worker thread, so their replies
+may overtake or trail others: NBD replies are matched by cookie.
+
+A large WRITE may be written in parts while its payload arrives (`payload_arrived`),
+where the device accepts that: the client refills the socket while we write instead
+of both waiting in turn. A client that disconnects mid-payload may leave such a
+write partly applied, as NBD allows for any write it was never answered.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from nbdguard.protocol.constants import (
 from nbdguard.protocol.transmission import Request
 from nbdguard.protocol.validate import SessionLimits, validate
 from nbdguard.server.exports import Export
-from nbdguard.storage.device import Buffer, Extent, FileRange
+from nbdguard.storage.device import BlockDevice, Buffer, Extent, FileRange
 
 ZERO = int(AllocationFlag.ZERO)  # OFFSET_HOLE means "reads as zeroes"
 # Per-request tests use plain ints: `int & IntFlag` builds a new enum object every time.
@@ -38,6 +43,8 @@ _OK = NBDError.OK
 
 SPARSE_READ_MIN = 64 * 1024  # smaller reads are sent as data: a hole probe costs more
 RANGE_READ_MIN = 64 * 1024  # from here up, data the device holds in a file goes by sendfile
+PART_WRITE_MIN = 64 * 1024  # a payload's arrived bytes are written once this many are new
+PART_ALIGN = 4096  # parts end on page boundaries of the device
 READ_MAX_EXTENTS = 64
 STATUS_MAX_EXTENTS = 4096
 Data = Buffer | FileRange
@@ -74,9 +81,14 @@ class Dispatcher:
         self.max_in_flight = max_in_flight
         self.on_busy = on_busy
         self.shutting_down = False
+        self._partial: PartialWrite | None = None  # the WRITE being written as it arrives
 
     def handle(self, request: Request) -> None:
         """Serve one request; replies are sent inline, or later by a task (flushes)."""
+        partial = self._partial
+        if partial is not None and partial.request is request:
+            self._finish_partial(partial)
+            return
         started = self._started()
         error = NBDError.ESHUTDOWN if self.shutting_down else validate(request, self.limits)
         if error:
@@ -85,6 +97,35 @@ class Dispatcher:
             return
         try:
             pending = _HANDLERS[request.command](self, request, started)
+        except Exception as exc:
+            self.finished(request, self.fail(request, exc), started)
+            return
+        if not pending:
+            self.finished(request, _OK, started)
+
+    def payload_arrived(self, request: Request, received: int) -> None:
+        """Part of a WRITE's payload is here (the first `received` bytes) and every earlier
+        request has been served: write what has arrived, if the write is valid, the device
+        accepts it in parts and enough is new. handle() writes the rest and replies."""
+        partial = self._partial
+        if partial is None or partial.request is not request:
+            if received < PART_WRITE_MIN or self.shutting_down:
+                return
+            if validate(request, self.limits) or not self.device.accepts_partial_writes(
+                request.offset
+            ):
+                return  # handle() answers it as usual once it is whole
+            partial = self._partial = PartialWrite(request, self._started())
+        partial.advance(self.device, received)
+
+    def _finish_partial(self, partial: PartialWrite) -> None:
+        """The last of a WRITE begun in parts: write the rest and reply as any write does,
+        even when shutting down (a write that was begun is finished)."""
+        self._partial = None
+        request, started = partial.request, partial.started
+        try:
+            partial.complete(self.device)
+            pending = self._finish_write(request, started)
         except Exception as exc:
             self.finished(request, self.fail(request, exc), started)
             return
@@ -278,6 +319,42 @@ class Dispatcher:
         """Wait until every reply still being worked on has been sent."""
         while self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class PartialWrite:
+    """A WRITE applied in parts as its payload arrives. A failed part is remembered and
+    raised when the request completes (its payload must still be received, to keep the
+    stream framed); nothing more of it is written after a failure."""
+
+    __slots__ = ("error", "request", "started", "written")
+
+    def __init__(self, request: Request, started: float) -> None:
+        self.request = request
+        self.started = started
+        self.written = 0
+        self.error: Exception | None = None
+
+    def advance(self, device: BlockDevice, received: int) -> None:
+        request = self.request
+        end = ((request.offset + received) & -PART_ALIGN) - request.offset
+        if end - self.written < PART_WRITE_MIN or self.error is not None:
+            return
+        assert request.payload is not None
+        part = memoryview(request.payload)[self.written : end]
+        try:
+            device.pwrite(part, request.offset + self.written)
+        except Exception as exc:
+            self.error = exc
+        self.written = end
+
+    def complete(self, device: BlockDevice) -> None:
+        if self.error is not None:
+            raise self.error
+        request = self.request
+        assert request.payload is not None
+        if self.written < request.length:
+            rest = memoryview(request.payload)[self.written :]
+            device.pwrite(rest, request.offset + self.written)
 
 
 _HANDLERS: dict[int, Callable[[Dispatcher, Request, float], bool]] = {

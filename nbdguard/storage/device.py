@@ -64,6 +64,12 @@ class BlockDevice(ABC):
     @abstractmethod
     def pwrite(self, data: Buffer, offset: int) -> None: ...
 
+    def accepts_partial_writes(self, offset: int) -> bool:
+        """Whether a write starting at `offset` may be applied as several pwrites, each part
+        as soon as it arrives. A device that must see a write whole (to check it, or to
+        allocate for it at once) says no; the default is no."""
+        return False
+
     @abstractmethod
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
         """Zero a range; with `fast`, raise ENOTSUP rather than write zeroes slowly."""
@@ -112,6 +118,9 @@ class Layer(BlockDevice):
 
     def pwrite(self, data: Buffer, offset: int) -> None:
         self.inner.pwrite(data, offset)
+
+    def accepts_partial_writes(self, offset: int) -> bool:
+        return self.inner.accepts_partial_writes(offset)
 
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
         self.inner.write_zeroes(offset, length, may_trim=may_trim, fast=fast)

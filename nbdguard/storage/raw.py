@@ -39,6 +39,9 @@ class RawImage(BlockDevice):
     def pwrite(self, data: Buffer, offset: int) -> None:
         fileops.write_all(self._fd, data, offset)
 
+    def accepts_partial_writes(self, offset: int) -> bool:
+        return True  # bytes are bytes: parts written in order make the whole
+
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
         if may_trim and self._try_fallocate(fileops.punch_hole, offset, length):
             return

@@ -161,3 +161,10 @@ def test_tiny_export_smaller_than_a_sector(tmp_path: Path) -> None:
         g.device.pwrite(b"QFI\xfb\0\0\0\x03", 0)
     g.device.pwrite(b"hello", 95)
     assert g.file() == bytes(95) + b"hello"
+
+
+def test_only_writes_past_sector_0_may_be_applied_in_parts(guarded: Guarded) -> None:
+    assert guarded.device.inner.accepts_partial_writes(0)  # raw bytes: any write
+    assert not guarded.device.accepts_partial_writes(0)
+    assert not guarded.device.accepts_partial_writes(511)
+    assert guarded.device.accepts_partial_writes(512)

@@ -224,3 +224,46 @@ def test_small_writes_in_the_scratch_buffer_are_views_not_copies() -> None:
     [req] = parser.buffer_updated(len(stream))
     assert isinstance(req.payload, memoryview) and req.payload.obj is parser._scratch
     assert bytes(req.payload) == b"x" * 4096
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(1, 3 * DIRECT_THRESHOLD), min_size=1, max_size=8),
+    st.integers(1, 300_000),
+)
+def test_partial_write_reports_a_final_prefix_of_the_arriving_payload(
+    lengths: list[int], chunk: int
+) -> None:
+    payloads = [bytes((i * 7 + k) % 251 for k in range(length)) for i, length in enumerate(lengths)]
+    stream = b"".join(
+        request(Command.WRITE, 0, len(data), cookie=i) + data for i, data in enumerate(payloads)
+    )
+    parser = RequestParser(MAX)
+    seen: dict[int, int] = {}  # cookie -> bytes reported so far
+    source = memoryview(stream)
+    done: list[int] = []
+    while source:
+        target = parser.get_buffer()
+        count = min(len(target), len(source), chunk)
+        target[:count] = source[:count]
+        source = source[count:]
+        for req in parser.buffer_updated(count):
+            assert req.payload == payloads[req.cookie]
+            done.append(req.cookie)
+        partial = parser.partial_write()
+        assert (partial is None) == (not parser.awaiting_payload)
+        if partial is not None:
+            req, received = partial
+            assert req.cookie not in done
+            assert seen.get(req.cookie, 0) <= received < req.length
+            assert req.payload is not None
+            assert bytes(req.payload[:received]) == payloads[req.cookie][:received]
+            seen[req.cookie] = received
+    assert done == list(range(len(lengths)))
+
+
+def test_partial_write_is_none_for_a_payload_being_skipped() -> None:
+    parser = RequestParser(MAX)
+    assert parser.partial_write() is None
+    parser.receive(request(Command.WRITE, 0, MAX + 1) + bytes(1 << 20))
+    assert parser.awaiting_payload and parser.partial_write() is None

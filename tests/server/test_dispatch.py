@@ -4,6 +4,7 @@ from the bytes the dispatcher hands to the transport: no sockets."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import struct
 from pathlib import Path
@@ -27,7 +28,7 @@ from nbdguard.protocol.transmission import RequestParser
 from nbdguard.protocol.validate import SessionLimits
 from nbdguard.server.dispatch import Dispatcher
 from nbdguard.server.exports import open_export
-from nbdguard.storage.device import FileRange
+from nbdguard.storage.device import BlockDevice, FileRange, Layer
 from tests.guard.samples import QEMU_HEADERS
 from tests.protocol.nbdwire import request
 
@@ -208,4 +209,130 @@ async def test_flush_and_fua_reply_after_the_sync(image: Path) -> None:
     serve(dispatcher, request(Command.READ, 0, 512, cookie=3))
     assert wire.simple() == (NBDError.ESHUTDOWN, 3, b"")
     await asyncio.sleep(0)
+    export.close()
+
+
+class Arrivals:
+    """Feeds a stream one receive at a time, as the connection does: completed requests are
+    handled, then the dispatcher is told how much of a pending WRITE's payload is here."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.parser = RequestParser(32 << 20)
+
+    def receive(self, data: bytes) -> None:
+        source = memoryview(data)
+        while source:
+            target = self.parser.get_buffer()
+            count = min(len(target), len(source))
+            target[:count] = source[:count]
+            source = source[count:]
+            for req in self.parser.buffer_updated(count):
+                self.dispatcher.handle(req)
+            partial = self.parser.partial_write()
+            if partial is not None:
+                self.dispatcher.payload_arrived(*partial)
+
+
+PART = 1 << 20  # payload of the large writes below
+
+
+def test_large_write_is_written_while_its_payload_arrives(image: Path) -> None:
+    dispatcher, wire, export = make(image, structured=False)
+    before = image.read_bytes()
+    payload = os.urandom(PART)
+    offset = (1 << 20) + 512  # not page aligned: parts still end on page boundaries
+    arrivals = Arrivals(dispatcher)
+    arrivals.receive(request(Command.WRITE, offset, PART, cookie=5) + payload[:300_000])
+    now = image.read_bytes()
+    assert not wire.data  # no reply before the whole payload is here
+    written = next(
+        i for i in range(300_000, -1, -1) if i == 0 or now[offset + i - 1] != before[offset + i - 1]
+    )
+    assert written >= 128 * 1024 and (offset + written) % 4096 == 0
+    assert now[offset : offset + written] == payload[:written]
+    assert now[offset + written :] == before[offset + written :]
+    arrivals.receive(payload[300_000:])
+    assert wire.simple() == (0, 5, b"")
+    assert image.read_bytes()[offset : offset + PART] == payload
+    assert export.metrics.written_bytes == PART  # counted once, as one request
+    export.close()
+
+
+def test_write_to_sector_0_waits_until_whole_and_a_header_writes_nothing(image: Path) -> None:
+    dispatcher, wire, export = make(image, structured=False)
+    before = image.read_bytes()
+    arrivals = Arrivals(dispatcher)
+    header = QEMU_HEADERS["qcow2"] + os.urandom(PART - 512)
+    arrivals.receive(request(Command.WRITE, 0, PART, cookie=1))
+    for start in range(0, PART - 65536, 65536):
+        arrivals.receive(header[start : start + 65536])
+        assert image.read_bytes() == before  # the guard must see the request whole
+    arrivals.receive(header[PART - 65536 :])
+    assert wire.simple() == (NBDError.EPERM, 1, b"")
+    assert image.read_bytes() == before
+
+    plain = os.urandom(PART)
+    arrivals.receive(request(Command.WRITE, 0, PART, cookie=2) + plain[:-1])
+    assert image.read_bytes() == before
+    arrivals.receive(plain[-1:])
+    assert wire.simple() == (0, 2, b"")
+    assert image.read_bytes()[:PART] == plain
+    export.close()
+
+
+def test_invalid_write_is_not_written_in_parts(image: Path) -> None:
+    dispatcher, wire, export = make(image, structured=False, read_only=True)
+    before = image.read_bytes()
+    arrivals = Arrivals(dispatcher)
+    arrivals.receive(request(Command.WRITE, 1 << 20, PART, cookie=3) + os.urandom(PART - 1))
+    assert image.read_bytes() == before
+    arrivals.receive(b"x")
+    assert wire.simple() == (NBDError.EPERM, 3, b"")
+    assert image.read_bytes() == before
+    export.close()
+
+
+class FailsOnSecondWrite(Layer):
+    def __init__(self, inner: BlockDevice) -> None:
+        super().__init__(inner)
+        self.calls = 0
+
+    def pwrite(self, data: Any, offset: int) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            raise OSError(errno.ENOSPC, "no space left")
+        self.inner.pwrite(data, offset)
+
+
+def test_a_failed_part_fails_the_write_writes_no_more_and_keeps_framing(image: Path) -> None:
+    dispatcher, wire, export = make(image, structured=False)
+    device = dispatcher.device = FailsOnSecondWrite(dispatcher.device)
+    before = image.read_bytes()
+    payload = os.urandom(PART)
+    offset = 1 << 20
+    arrivals = Arrivals(dispatcher)
+    arrivals.receive(request(Command.WRITE, offset, PART, cookie=4))
+    for start in range(0, PART, 128 * 1024):
+        arrivals.receive(payload[start : start + 128 * 1024])
+    assert device.calls == 2  # one part written, the second failed, nothing after it
+    assert wire.simple() == (NBDError.ENOSPC, 4, b"")
+    after = image.read_bytes()
+    assert after[offset : offset + 128 * 1024] == payload[: 128 * 1024]
+    assert after[offset + 256 * 1024 :] == before[offset + 256 * 1024 :]
+    arrivals.receive(request(Command.READ, offset, 4, cookie=6))
+    assert wire.simple(4) == (0, 6, payload[:4])  # the stream is still framed
+    export.close()
+
+
+def test_shutdown_mid_payload_finishes_the_begun_write(image: Path) -> None:
+    dispatcher, wire, export = make(image, structured=False)
+    payload = os.urandom(PART)
+    arrivals = Arrivals(dispatcher)
+    arrivals.receive(request(Command.WRITE, 1 << 20, PART, cookie=7) + payload[: PART // 2])
+    dispatcher.shutting_down = True
+    arrivals.receive(payload[PART // 2 :] + request(Command.READ, 0, 512, cookie=8))
+    assert wire.simple() == (0, 7, b"")
+    assert wire.simple() == (NBDError.ESHUTDOWN, 8, b"")
+    assert image.read_bytes()[1 << 20 : (1 << 20) + PART] == payload
     export.close()

@@ -294,3 +294,12 @@ def test_flushes_in_another_thread_while_writing(images: Path) -> None:
         device.close()
     assert flushes > 5
     check_and_compare(top, bytes(model))
+
+
+def test_writes_are_never_applied_in_parts(images: Path) -> None:
+    """qcow2 allocates and copies on write per request: parts would each pay for that."""
+    sh(f"qemu-img create -q -f qcow2 {images}/top.qcow2 8M")
+    device = open_qcow2(images / "top.qcow2")
+    assert not device.accepts_partial_writes(0)
+    assert not device.accepts_partial_writes(1 << 20)
+    device.close()
