@@ -82,10 +82,10 @@ class Sector0Guard(Layer):
             if len(view) > stop - offset:
                 self.inner.pwrite(view[stop - offset :], stop)
 
-    def accepts_partial_writes(self, offset: int) -> bool:
+    def partial_write_unit(self, offset: int) -> int:
         """Only writes that start past sector 0: one that touches it is checked whole, so that
         a refusal leaves every byte of it unwritten."""
-        return offset >= SECTOR and self.inner.accepts_partial_writes(offset)
+        return self.inner.partial_write_unit(offset) if offset >= SECTOR else 0
 
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
         if offset >= SECTOR:

@@ -44,7 +44,6 @@ _OK = NBDError.OK
 SPARSE_READ_MIN = 64 * 1024  # smaller reads are sent as data: a hole probe costs more
 RANGE_READ_MIN = 64 * 1024  # from here up, data the device holds in a file goes by sendfile
 PART_WRITE_MIN = 64 * 1024  # a payload's arrived bytes are written once this many are new
-PART_ALIGN = 4096  # parts end on page boundaries of the device
 READ_MAX_EXTENTS = 64
 STATUS_MAX_EXTENTS = 4096
 Data = Buffer | FileRange
@@ -111,11 +110,10 @@ class Dispatcher:
         if partial is None or partial.request is not request:
             if received < PART_WRITE_MIN or self.shutting_down:
                 return
-            if validate(request, self.limits) or not self.device.accepts_partial_writes(
-                request.offset
-            ):
+            unit = self.device.partial_write_unit(request.offset)
+            if not unit or validate(request, self.limits):
                 return  # handle() answers it as usual once it is whole
-            partial = self._partial = PartialWrite(request, self._started())
+            partial = self._partial = PartialWrite(request, unit, self._started())
         partial.advance(self.device, received)
 
     def _finish_partial(self, partial: PartialWrite) -> None:
@@ -326,17 +324,18 @@ class PartialWrite:
     raised when the request completes (its payload must still be received, to keep the
     stream framed); nothing more of it is written after a failure."""
 
-    __slots__ = ("error", "request", "started", "written")
+    __slots__ = ("error", "request", "started", "unit", "written")
 
-    def __init__(self, request: Request, started: float) -> None:
+    def __init__(self, request: Request, unit: int, started: float) -> None:
         self.request = request
+        self.unit = unit  # parts end on device offsets that are multiples of this
         self.started = started
         self.written = 0
         self.error: Exception | None = None
 
     def advance(self, device: BlockDevice, received: int) -> None:
         request = self.request
-        end = ((request.offset + received) & -PART_ALIGN) - request.offset
+        end = (request.offset + received) // self.unit * self.unit - request.offset
         if end - self.written < PART_WRITE_MIN or self.error is not None:
             return
         assert request.payload is not None

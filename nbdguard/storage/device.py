@@ -64,11 +64,12 @@ class BlockDevice(ABC):
     @abstractmethod
     def pwrite(self, data: Buffer, offset: int) -> None: ...
 
-    def accepts_partial_writes(self, offset: int) -> bool:
+    def partial_write_unit(self, offset: int) -> int:
         """Whether a write starting at `offset` may be applied as several pwrites, each part
-        as soon as it arrives. A device that must see a write whole (to check it, or to
-        allocate for it at once) says no; the default is no."""
-        return False
+        as soon as it arrives: 0 if it must be seen whole (to be checked, say), else the
+        device offsets parts should end on (a multiple of it) to cost no more than the
+        whole. The default is 0."""
+        return 0
 
     @abstractmethod
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
@@ -119,8 +120,8 @@ class Layer(BlockDevice):
     def pwrite(self, data: Buffer, offset: int) -> None:
         self.inner.pwrite(data, offset)
 
-    def accepts_partial_writes(self, offset: int) -> bool:
-        return self.inner.accepts_partial_writes(offset)
+    def partial_write_unit(self, offset: int) -> int:
+        return self.inner.partial_write_unit(offset)
 
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
         self.inner.write_zeroes(offset, length, may_trim=may_trim, fast=fast)

@@ -17,6 +17,7 @@ from nbdguard.storage import fileops
 from nbdguard.storage.device import BlockDevice, Buffer, Capabilities, Extent, FileRange
 from nbdguard.storage.pinned import OpenedFile
 
+PAGE = 4096
 ZeroingCall = Callable[[int, int, int], None]  # (fd, offset, length)
 
 
@@ -39,8 +40,8 @@ class RawImage(BlockDevice):
     def pwrite(self, data: Buffer, offset: int) -> None:
         fileops.write_all(self._fd, data, offset)
 
-    def accepts_partial_writes(self, offset: int) -> bool:
-        return True  # bytes are bytes: parts written in order make the whole
+    def partial_write_unit(self, offset: int) -> int:
+        return PAGE  # bytes are bytes: parts written in order make the whole
 
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
         if may_trim and self._try_fallocate(fileops.punch_hole, offset, length):

@@ -31,6 +31,7 @@ from nbdguard.server.exports import open_export
 from nbdguard.storage.device import BlockDevice, FileRange, Layer
 from tests.guard.samples import QEMU_HEADERS
 from tests.protocol.nbdwire import request
+from tests.storage.test_qcow2_image import check_and_compare, sh
 
 SIZE = 4 << 20
 
@@ -336,3 +337,47 @@ def test_shutdown_mid_payload_finishes_the_begun_write(image: Path) -> None:
     assert wire.simple() == (NBDError.ESHUTDOWN, 8, b"")
     assert image.read_bytes()[1 << 20 : (1 << 20) + PART] == payload
     export.close()
+
+
+class Recording(Layer):
+    def __init__(self, inner: BlockDevice) -> None:
+        super().__init__(inner)
+        self.writes: list[tuple[int, int]] = []
+
+    def pwrite(self, data: Any, offset: int) -> None:
+        self.writes.append((offset, len(data)))
+        self.inner.pwrite(data, offset)
+
+
+@pytest.mark.parametrize("cluster", [4096, 65536, 2 << 20])
+def test_qcow2_write_in_parts_ends_parts_on_clusters_and_matches_qemu(
+    tmp_path: Path, cluster: int
+) -> None:
+    base, top = tmp_path / "base.raw", tmp_path / "top.qcow2"
+    sh(
+        f"qemu-img create -q -f raw {base} 8M",
+        f"qemu-io -f raw -c 'write -P 0x11 0 8M' {base}",
+        f"cd {tmp_path} && qemu-img create -q -f qcow2 -o cluster_size={cluster} "
+        "-b base.raw -F raw top.qcow2 8M",
+    )
+    export = open_export(
+        ExportConfig(name="q", path=top, format="qcow2"), Metrics().for_export("q")
+    )
+    wire = Wire()
+    limits = SessionLimits(8 << 20, False, False, False, 32 << 20)
+    dispatcher = Dispatcher(export, limits, (), wire.send, structlog.get_logger())
+    device = dispatcher.device = Recording(dispatcher.device)
+    payload = os.urandom(3 << 20)
+    offset = (1 << 20) + 4196  # neither end on a cluster boundary
+    stream = request(Command.WRITE, offset, len(payload), cookie=1) + payload
+    arrivals = Arrivals(dispatcher)
+    for start in range(0, len(stream), 200_000):
+        arrivals.receive(stream[start : start + 200_000])
+    assert wire.simple() == (0, 1, b"")
+    assert len(device.writes) > 1
+    assert all((start + length) % cluster == 0 for start, length in device.writes[:-1])
+    assert sum(length for _, length in device.writes) == len(payload)
+    export.close()
+    model = bytearray(b"\x11" * (8 << 20))
+    model[offset : offset + len(payload)] = payload
+    check_and_compare(top, bytes(model))

@@ -245,6 +245,11 @@ class Qcow2Image(BlockDevice):
             self._trim_cache()
             self._write(memoryview(data).cast("B"), offset)
 
+    def partial_write_unit(self, offset: int) -> int:
+        """Parts that end on cluster boundaries allocate (and copy on write) exactly what the
+        whole write would have."""
+        return self.cluster_size
+
     def _write(self, view: memoryview, offset: int) -> None:
         """Write table by table: each L2 table is made writable once per request."""
         span = 1 << (self.l2_bits + self.cluster_bits)
