@@ -10,6 +10,11 @@ moved (from /proc) and peak RSS (the largest of any round) are recorded too.
     .venv/bin/python -m bench.compare                 # all jobs, 3 rounds
     .venv/bin/python -m bench.compare --jobs randread-4k seqread-1m --rounds 5
     .venv/bin/python -m bench.compare --image qcow2-overlay   # nbdguard vs qemu-nbd only
+    .venv/bin/python -m bench.compare --no-peers --guard --metrics --control --rounds 8
+
+The last form measures the guard's and the metrics' cost: `--control` adds a second,
+identical nbdguard, whose ratio to the first shows how far apart two runs of the same
+server land on this machine, i.e. what difference the run can resolve at all.
 
 Images: `raw` (default); `qcow2-allocated`, a fully allocated qcow2 (64 KiB clusters) made
 by `qemu-img convert`; `qcow2-overlay`, a fresh qcow2 overlay per server over one shared
@@ -276,6 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--metrics", action="store_true", help="also nbdguard without per-request metrics"
     )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also a second nbdguard configured exactly like the first: its ratio is the "
+        "run's noise floor (an A/A comparison)",
+    )
+    parser.add_argument(
+        "--no-peers", action="store_true", help="only nbdguard and its variants (overheads)"
+    )
     parser.add_argument("--no-copy", action="store_true", help="skip the nbdcopy timing")
     parser.add_argument("--image", choices=IMAGE_KINDS, default="raw", help="what is served")
     args = parser.parse_args(argv)
@@ -287,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
             variants.append(("nbdguard-noguard", 'header_guard = "off"\n', ""))
         if args.metrics:
             variants.append(("nbdguard-nometrics", "", "request_metrics = false\n"))
-        names = [name for name, _, _ in variants] + ["qemu-nbd"]
-        if args.image == "raw":
-            names += ["nbdkit", "nbd-server"]
+        if args.control:
+            variants.append(("nbdguard-again", "", ""))
+        names = [name for name, _, _ in variants]
+        if not args.no_peers:
+            names += ["qemu-nbd"] + (["nbdkit", "nbd-server"] if args.image == "raw" else [])
         files = make_images(work, len(names), args.image, args.size_mib << 20)
         totals = Totals()
         for round_number in range(args.rounds):
@@ -301,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                 nbdguard_server(work, images[name], name, extra, server_extra)
                 for name, extra, server_extra in variants
             ]
-            servers += peer_servers(work, images)
+            if not args.no_peers:
+                servers += peer_servers(work, images)
             # and who goes first rotates too, so no server always follows the same one
             shift = round_number % len(servers)
             with running(servers, work):
