@@ -251,12 +251,18 @@ def run_fio(server: Server, job: str, size: str, runtime: int) -> tuple[float, i
     return moved / runtime / (1 << 20), moved
 
 
-def nbdcopy_seconds(server: Server, work: Path) -> float:
-    target = work / "copy.out"
+COPY_TARGETS = ("file", "null:")  # a real copy; and the server alone (nbdcopy discards)
+
+
+def nbdcopy_seconds(server: Server, work: Path, target: str) -> float:
+    """Seconds for nbdcopy to copy the whole export to a new file, or to `null:`: writing
+    the file costs every server the same, so `null:` shows the difference between servers."""
+    path = work / "copy.out"
     start = time.monotonic()
-    subprocess.run(["nbdcopy", server.uri, str(target)], check=True, timeout=600)
+    destination = str(path) if target == "file" else target
+    subprocess.run(["nbdcopy", server.uri, destination], check=True, timeout=600)
     elapsed = time.monotonic() - start
-    target.unlink()
+    path.unlink(missing_ok=True)
     return elapsed
 
 
@@ -333,7 +339,7 @@ class Totals:
 
     throughput: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     cpu_per_gib: dict[tuple[str, str], list[float]] = field(default_factory=dict)
-    copy_seconds: dict[str, list[float]] = field(default_factory=dict)
+    copy_seconds: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     rss: dict[str, tuple[float, float]] = field(default_factory=dict)  # peak, anon
 
 
@@ -348,7 +354,9 @@ def run_round(servers: list[Server], args: argparse.Namespace, work: Path, total
             totals.cpu_per_gib.setdefault((server.name, job), []).append(cpu / (moved / (1 << 30)))
     if not args.no_copy and shutil.which("nbdcopy"):
         for server in servers:
-            totals.copy_seconds.setdefault(server.name, []).append(nbdcopy_seconds(server, work))
+            for target in COPY_TARGETS:
+                seconds = nbdcopy_seconds(server, work, target)
+                totals.copy_seconds.setdefault((server.name, target), []).append(seconds)
     for server in servers:
         peak, anon = server.memory_mib("VmHWM"), server.memory_mib("RssAnon")
         old_peak, old_anon = totals.rss.get(server.name, (0.0, 0.0))
@@ -370,11 +378,12 @@ def report(names: list[str], args: argparse.Namespace, totals: Totals) -> str:
         cells = [f"{medians[n]:.0f} ({cpu[n]:.2f})" for n in names]
         ratios = [f"{medians[ours] / medians[p]:.2f}" for p in peers]
         lines.append(f"| {job} | " + " | ".join(cells + ratios) + " |")
-    if totals.copy_seconds:
-        copies = {n: statistics.median(totals.copy_seconds[n]) for n in names}
+    for target in COPY_TARGETS if totals.copy_seconds else ():
+        copies = {n: statistics.median(totals.copy_seconds[n, target]) for n in names}
         cells = [f"{copies[n]:.2f}s" for n in names]
         ratios = [f"{copies[p] / copies[ours]:.2f}" for p in peers]
-        lines.append("| nbdcopy whole disk (time) | " + " | ".join(cells + ratios) + " |")
+        label = f"nbdcopy whole disk to {target} (time)"
+        lines.append(f"| {label} | " + " | ".join(cells + ratios) + " |")
     memory = [f"{totals.rss[n][0]:.0f} / {totals.rss[n][1]:.0f}" for n in names]
     lines.append("| peak RSS / anon RSS MiB | " + " | ".join(memory) + " |" + " |" * len(peers))
     return "\n".join(lines)
