@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -258,10 +259,20 @@ def nbdcopy_seconds(server: Server, work: Path, target: str) -> float:
     """Seconds for nbdcopy to copy the whole export to a new file, or to `null:`: writing
     the file costs every server the same, so `null:` shows the difference between servers."""
     path = work / "copy.out"
-    start = time.monotonic()
     destination = str(path) if target == "file" else target
-    subprocess.run(["nbdcopy", server.uri, destination], check=True, timeout=600)
+    start = time.monotonic()
+    process = subprocess.Popen(["nbdcopy", server.uri, destination])
+    # A plain wait() blocks in waitpid; wait(timeout) polls at up to 50 ms intervals, which
+    # rounded every copy time to a multiple of 0.05 s. The timer is the hang guard instead.
+    guard = threading.Timer(600, process.kill)
+    guard.start()
+    try:
+        code = process.wait()
+    finally:
+        guard.cancel()
     elapsed = time.monotonic() - start
+    if code:
+        raise subprocess.CalledProcessError(code, process.args)
     path.unlink(missing_ok=True)
     return elapsed
 
