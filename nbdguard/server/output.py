@@ -7,6 +7,7 @@ neither copied into nor mapped by the process; that is only correct while the
 transport holds nothing unsent, so the transport is set to report (pause_writing) as
 soon as it buffers a byte, and replies wait in our queue until it has drained
 (resume_writing). Under TLS, which needs the bytes, ranges are read with pread.
+A range's `recheck` runs right before its file is read, in the same call as the read.
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ class ReplyWriter:
         """Buffers then a range, straight to the socket; what does not fit right now is
         handed to the transport (which then reports itself blocked)."""
         assert self._socket is not None
+        if piece.recheck is not None:
+            fresh = piece.recheck()
+            if fresh is not None:  # the file no longer holds the device's bytes
+                head.append(fresh)
+                self._transport.writelines(head)
+                return
         sent = 0
         if head:
             with contextlib.suppress(BlockingIOError):
@@ -127,14 +134,20 @@ class ReplyWriter:
         pieces, self._ranges = list(self._queue), 0
         self._queue.clear()
         try:
-            out = [
-                read_exactly(p.fd, p.offset, p.length) if type(p) is FileRange else p
-                for p in pieces
-            ]
+            out = [_read_range(p) if type(p) is FileRange else p for p in pieces]
         except OSError as err:
             self._on_failure(err)
             return
         self._transport.writelines(out)  # type: ignore[arg-type]
+
+
+def _read_range(piece: FileRange) -> Buffer:
+    """A range's bytes, read now."""
+    if piece.recheck is not None:
+        fresh = piece.recheck()
+        if fresh is not None:
+            return fresh
+    return read_exactly(piece.fd, piece.offset, piece.length)
 
 
 def _skip(buffers: list[Buffer], count: int) -> list[Buffer]:

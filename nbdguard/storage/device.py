@@ -10,6 +10,7 @@ Failures are `OSError`s carrying the errno the client should see.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nbdguard.protocol.constants import AllocationFlag
@@ -24,14 +25,26 @@ HOLE_ZERO = int(AllocationFlag.HOLE | AllocationFlag.ZERO)
 class FileRange:
     """Device bytes that are, unchanged, bytes of one open file. A reply can carry this
     instead of the bytes: the connection sends it with sendfile(2) from the page cache,
-    never mapping or copying it into the process."""
+    never mapping or copying it into the process.
 
-    __slots__ = ("fd", "length", "offset")
+    A reply may wait before it is sent. Where the file's bytes can meanwhile stop being
+    these device bytes (a qcow2 cluster freed and given to another guest offset), the
+    device supplies `recheck`: called just before the file is read, it returns None if
+    the range still holds the device's bytes, else the device's bytes as they are now."""
 
-    def __init__(self, fd: int, offset: int, length: int) -> None:
+    __slots__ = ("fd", "length", "offset", "recheck")
+
+    def __init__(
+        self,
+        fd: int,
+        offset: int,
+        length: int,
+        recheck: Callable[[], Buffer | None] | None = None,
+    ) -> None:
         self.fd = fd
         self.offset = offset
         self.length = length
+        self.recheck = recheck
 
     def __repr__(self) -> str:
         return f"FileRange(fd={self.fd}, offset={self.offset}, length={self.length})"

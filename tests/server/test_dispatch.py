@@ -44,8 +44,11 @@ class Wire:
 
     def send(self, pieces: Any) -> None:
         for piece in pieces:
-            if isinstance(piece, FileRange):  # what sendfile would put on the wire
-                self.data += os.pread(piece.fd, piece.length, piece.offset)
+            if isinstance(piece, FileRange):  # what the reply writer would put on the wire
+                fresh = piece.recheck() if piece.recheck is not None else None
+                self.data += (
+                    fresh if fresh is not None else os.pread(piece.fd, piece.length, piece.offset)
+                )
             else:
                 self.data += piece
 

@@ -53,10 +53,17 @@ def expected_bytes(fd: int, pieces: list[Piece]) -> bytes:
     out = bytearray()
     for piece in pieces:
         if isinstance(piece, FileRange):
-            out += os.pread(fd, piece.length, piece.offset)
+            fresh = piece.recheck() if piece.recheck is not None else None
+            out += fresh if fresh is not None else os.pread(fd, piece.length, piece.offset)
         else:
             out += piece
     return bytes(out)
+
+
+def stale(length: int, mark: int) -> Callable[[], bytes]:
+    """A recheck saying the file no longer holds the device's bytes: these are."""
+    fresh = bytes([mark % 256]) * length
+    return lambda: fresh
 
 
 def random_batches(fd: int, seed: int) -> list[list[Piece]]:
@@ -67,9 +74,16 @@ def random_batches(fd: int, seed: int) -> list[list[Piece]]:
         for _ in range(rng.randint(1, 6)):
             if rng.random() < 0.5:
                 batch.append(number.to_bytes(4, "big") * rng.choice([1, 5, 50, 20_000]))
+                continue
+            length = rng.choice([1, 4096, 65536, 300_000, 1 << 20])
+            offset = rng.randrange(0, (8 << 20) - length)
+            kind = rng.choice(["plain", "still valid", "stale"])
+            if kind == "plain":
+                batch.append(FileRange(fd, offset, length))
+            elif kind == "still valid":
+                batch.append(FileRange(fd, offset, length, lambda: None))
             else:
-                length = rng.choice([1, 4096, 65536, 300_000, 1 << 20])
-                batch.append(FileRange(fd, rng.randrange(0, (8 << 20) - length), length))
+                batch.append(FileRange(fd, offset, length, stale(length, number)))
         batches.append(batch)
     return batches
 
@@ -149,7 +163,12 @@ def test_ranges_become_bytes_under_tls(image: int) -> None:
     transport = FakeTlsTransport()
     failures: list[OSError] = []
     writer = ReplyWriter(transport, failures.append)  # type: ignore[arg-type]
-    pieces: list[Piece] = [b"head", FileRange(image, 12345, 70000), b"tail"]
+    pieces: list[Piece] = [
+        b"head",
+        FileRange(image, 12345, 70000),
+        FileRange(image, 0, 65536, stale(65536, 0xEE)),
+        b"tail",
+    ]
     writer.send(pieces)
     assert bytes(transport.written) == expected_bytes(image, pieces)
     assert not failures

@@ -4,6 +4,7 @@ equal `qemu-img convert -O raw`, and after writes `qemu-img check` must be clean
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
@@ -303,3 +304,46 @@ def test_parts_of_writes_end_on_cluster_boundaries(images: Path, cluster: int) -
     device = open_qcow2(images / "top.qcow2")
     assert device.partial_write_unit(0) == device.partial_write_unit(12345) == cluster
     device.close()
+
+
+def test_large_reads_are_file_ranges_rechecked_after_clusters_are_reused(images: Path) -> None:
+    """A read reply can wait while its cluster is discarded, freed by a flush and reused for
+    another guest offset: the range then reads the device again instead of the file."""
+    sh(f"cd {images} && qemu-img create -q -f qcow2 top.qcow2 8M")
+    device = open_qcow2(images / "top.qcow2")
+    try:
+        first = os.urandom(MiB)
+        device.pwrite(first, 0)
+        device.flush()
+        queued = device.read_range(0, MiB)
+        assert queued is not None and queued.recheck is not None
+        assert os.pread(queued.fd, queued.length, queued.offset) == first
+        assert queued.recheck() is None  # nothing freed yet: the file holds the bytes
+
+        device.trim(0, MiB)
+        device.flush()  # the trimmed clusters are free from here on
+        other = os.urandom(MiB)
+        device.pwrite(other, 4 * MiB)  # and get reused
+        assert os.pread(queued.fd, queued.length, queued.offset) == other  # the hazard is real
+        assert queued.recheck() == bytes(MiB)  # what guest offset 0 holds now
+        assert device.read_range(4 * MiB, MiB) is not None
+    finally:
+        device.close()
+
+
+def test_read_ranges_cover_only_single_runs_of_data(images: Path) -> None:
+    sh(
+        f"cd {images} && qemu-img create -q -f qcow2 -b base.raw -F raw top.qcow2 8M",
+        f"qemu-io -f qcow2 -c 'write -P 0x21 4M 1M' -c 'write -z 6M 1M' {images}/top.qcow2",
+    )
+    device = open_qcow2(images / "top.qcow2", read_only=True)
+    try:
+        ours = device.read_range(4 * MiB, MiB)
+        assert ours is not None and ours.recheck is None  # read-only: nothing is ever freed
+        assert os.pread(ours.fd, ours.length, ours.offset) == b"\x21" * MiB
+        below = device.read_range(0, MiB)  # all from the raw base
+        assert below is not None and os.pread(below.fd, MiB, below.offset) == b"\x11" * MiB
+        assert device.read_range(6 * MiB, MiB) is None  # zeros: nothing to send from a file
+        assert device.read_range(4 * MiB - 4096, 8192) is None  # base, then ours
+    finally:
+        device.close()

@@ -2,10 +2,10 @@
 
 Reads are preads into memory the process owns, never views of a mapping: a read reply can
 wait in the output queue for as long as the client takes to read it, and a cluster it came
-from may meanwhile be discarded, freed and handed to another guest offset; the reply must
-still carry what the cluster held when it was read. (Raw images have no such reuse and send
-file ranges instead.) Writes use pwrite (ENOSPC, not SIGBUS, on a full disk). Bytes past
-the end of the file read as zeros: a writable image grows as clusters are allocated.
+from may meanwhile be discarded, freed and handed to another guest offset. (Large reads of
+data clusters leave as file ranges instead, which the image rechecks before they are sent:
+see Qcow2Image.read_range.) Writes use pwrite (ENOSPC, not SIGBUS, on a full disk). Bytes
+past the end of the file read as zeros: a writable image grows as clusters are allocated.
 """
 
 from __future__ import annotations

@@ -21,7 +21,15 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nbdguard.storage.device import DATA, HOLE_ZERO, BlockDevice, Buffer, Capabilities, Extent
+from nbdguard.storage.device import (
+    DATA,
+    HOLE_ZERO,
+    BlockDevice,
+    Buffer,
+    Capabilities,
+    Extent,
+    FileRange,
+)
 from nbdguard.storage.qcow2.compressed import compressed_extent, host_clusters, inflate
 from nbdguard.storage.qcow2.header import AUTOCLEAR_OFFSET, MAX_HOST_OFFSET, Qcow2Header
 from nbdguard.storage.qcow2.hostfile import HostFile
@@ -92,6 +100,7 @@ class Qcow2Image(BlockDevice):
         self._flush_order = threading.Lock()
         writable = not host.file.read_only
         self.refcounts = Refcounts(host, header) if writable else None
+        self._reuse_epoch = 0  # counts flushes that freed clusters (see read_range)
         self.capabilities = Capabilities(
             read_only=not writable,
             multi_conn=True,
@@ -210,6 +219,31 @@ class Qcow2Image(BlockDevice):
                 target = view[position - offset : position - offset + count]
                 self._fill(target, kind, position, host)
             return out
+
+    def read_range(self, offset: int, length: int) -> FileRange | None:
+        """The host file range when the bytes are one run of this layer's data clusters (or
+        wholly the backing layer's range). A reply may wait before it is sent, and a cluster
+        can meanwhile be freed and reused for another guest offset; frees only take effect
+        in flush(), which counts them, so a range whose count moved is read again through
+        the mapping (its `recheck`). Read-only images never free anything."""
+        with self._lock:
+            self._trim_cache()
+            segments = self._segments(offset, length)
+            if len(segments) != 1:
+                return None
+            kind, _, _, host = segments[0]
+            if kind == KIND_BACKING and self.backing and offset + length <= self.backing.size:
+                return self.backing.read_range(offset, length)
+            if kind != KIND_DATA or host + length > self.data.size:
+                return None
+            if self.refcounts is None:
+                return FileRange(self.data.fd, host, length)
+            epoch = self._reuse_epoch
+
+            def recheck() -> Buffer | None:
+                return None if self._reuse_epoch == epoch else self.pread(offset, length)
+
+            return FileRange(self.data.fd, host, length, recheck)
 
     def _fill(self, target: memoryview, kind: int, position: int, host: int) -> None:
         if kind == KIND_DATA:
@@ -491,6 +525,8 @@ class Qcow2Image(BlockDevice):
                     self._give_back(writes)
                 raise
             with self._lock:
+                if writes.refcounts.frees:
+                    self._reuse_epoch += 1  # before any freed cluster can be allocated again
                 self.refcounts.apply_frees(writes.refcounts.frees)
 
     def _take_metadata(self) -> _MetadataWrites:
