@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from time import perf_counter
 from typing import Any
 
 from nbdguard.errors import nbd_error_for
@@ -113,13 +114,16 @@ class Dispatcher:
             unit = self.device.partial_write_unit(request.offset)
             if not unit or validate(request, self.limits):
                 return  # handle() answers it as usual once it is whole
-            partial = self._partial = PartialWrite(request, unit, self._started())
+            # Latency counts from here; in-flight from _finish_partial, since a client that
+            # leaves mid-payload never gets that far.
+            partial = self._partial = PartialWrite(request, unit, perf_counter())
         partial.advance(self.device, received)
 
     def _finish_partial(self, partial: PartialWrite) -> None:
         """The last of a WRITE begun in parts: write the rest and reply as any write does,
         even when shutting down (a write that was begun is finished)."""
         self._partial = None
+        self._started()
         request, started = partial.request, partial.started
         try:
             partial.complete(self.device)

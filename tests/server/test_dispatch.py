@@ -263,6 +263,16 @@ def test_large_write_is_written_while_its_payload_arrives(image: Path) -> None:
     export.close()
 
 
+def test_a_write_abandoned_mid_payload_leaves_nothing_in_flight(image: Path) -> None:
+    dispatcher, wire, export = make(image, structured=False)
+    arrivals = Arrivals(dispatcher)
+    arrivals.receive(request(Command.WRITE, 1 << 20, PART, cookie=9) + os.urandom(PART // 2))
+    assert image.read_bytes()[1 << 20 : (1 << 20) + 4096] != bytes(4096)  # begun
+    assert export.metrics.in_flight == 0  # the client may leave here, never to finish it
+    assert not wire.data
+    export.close()
+
+
 def test_write_to_sector_0_waits_until_whole_and_a_header_writes_nothing(image: Path) -> None:
     dispatcher, wire, export = make(image, structured=False)
     before = image.read_bytes()
