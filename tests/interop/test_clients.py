@@ -115,7 +115,10 @@ def test_nbd_client_list(server: RunningServer, transport: str) -> None:
     assert {"vm1", "ro", "odd"} <= names, result.stdout + result.stderr
 
 
-def test_fio_randrw_verifies(server: RunningServer, transport: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("block", ["4k", "1m"])  # 1m: payloads written in parts as they arrive
+def test_fio_randrw_verifies(
+    server: RunningServer, transport: str, tmp_path: Path, block: str
+) -> None:
     require("fio")
     job = tmp_path / "job.fio"
     job.write_text(
@@ -123,7 +126,7 @@ def test_fio_randrw_verifies(server: RunningServer, transport: str, tmp_path: Pa
         "ioengine=nbd\n"
         f"uri={server.uri('vm1', transport)}\n"
         "size=32M\n"
-        "bs=4k\n"
+        f"bs={block}\n"
         "iodepth=32\n"
         "rw=randrw\n"
         "verify=crc32c\n"
