@@ -262,7 +262,7 @@ class Connection(asyncio.BufferedProtocol):
             self._last_request = self._loop.time()
         self._serve_all(self._parse(lambda parser: parser.buffer_updated(nbytes)))
         parser = self.parser
-        if parser is not None and parser.awaiting_payload and not self._backlog:
+        if parser is not None and not self._backlog:
             partial = parser.partial_write()  # every request before it has been served
             if partial is not None:
                 assert self.dispatcher is not None

@@ -100,12 +100,11 @@ class ReplyWriter:
         """Buffers then a range, straight to the socket; what does not fit right now is
         handed to the transport (which then reports itself blocked)."""
         assert self._socket is not None
-        if piece.recheck is not None:
-            fresh = piece.recheck()
-            if fresh is not None:  # the file no longer holds the device's bytes
-                head.append(fresh)
-                self._transport.writelines(head)
-                return
+        fresh = _changed(piece)
+        if fresh is not None:
+            head.append(fresh)
+            self._transport.writelines(head)
+            return
         sent = 0
         if head:
             with contextlib.suppress(BlockingIOError):
@@ -141,13 +140,15 @@ class ReplyWriter:
         self._transport.writelines(out)  # type: ignore[arg-type]
 
 
+def _changed(piece: FileRange) -> Buffer | None:
+    """The device's bytes if the file no longer holds them (see FileRange.recheck), else None."""
+    return piece.recheck() if piece.recheck is not None else None
+
+
 def _read_range(piece: FileRange) -> Buffer:
     """A range's bytes, read now."""
-    if piece.recheck is not None:
-        fresh = piece.recheck()
-        if fresh is not None:
-            return fresh
-    return read_exactly(piece.fd, piece.offset, piece.length)
+    fresh = _changed(piece)
+    return fresh if fresh is not None else read_exactly(piece.fd, piece.offset, piece.length)
 
 
 def _skip(buffers: list[Buffer], count: int) -> list[Buffer]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from nbdguard.protocol.constants import IHAVEOPT, REPLY_MAGIC_OPTION, REQUEST_MAGIC
+from nbdguard.protocol.transmission import Request, RequestParser
 
 OPT_REPLY = struct.Struct(">QIII")
 
@@ -53,3 +55,18 @@ def parse_option_replies(data: bytes) -> list[OptReply]:
         pos += length
     assert pos == len(data)
     return replies
+
+
+def receive_in_pieces(
+    parser: RequestParser, data: bytes, chunk: int | None = None
+) -> Iterator[list[Request]]:
+    """Feed `data` through get_buffer/buffer_updated as asyncio does, at most `chunk` bytes
+    per receive, yielding each receive's completed requests: serve them before asking for
+    the next batch (payload views are only valid until the next get_buffer)."""
+    source = memoryview(data)
+    while source:
+        target = parser.get_buffer()
+        count = min(len(target), len(source), chunk or len(source))
+        target[:count] = source[:count]
+        source = source[count:]
+        yield parser.buffer_updated(count)

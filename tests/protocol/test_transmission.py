@@ -17,7 +17,7 @@ from nbdguard.protocol.transmission import (
     RequestParser,
 )
 from nbdguard.protocol.validate import SessionLimits, validate
-from tests.protocol.nbdwire import request
+from tests.protocol.nbdwire import receive_in_pieces, request
 
 MAX = 32 << 20
 
@@ -190,16 +190,11 @@ def test_header_struct_is_28_bytes() -> None:
 def feed_like_a_socket(parser: RequestParser, data: bytes, chunk: int) -> list[tuple[int, bytes]]:
     """Receive through get_buffer/buffer_updated as asyncio does, serving each batch at once
     (payload views are only valid until the next get_buffer)."""
-    served: list[tuple[int, bytes]] = []
-    source = memoryview(data)
-    while source:
-        target = parser.get_buffer()
-        count = min(len(target), len(source), chunk)
-        target[:count] = source[:count]
-        source = source[count:]
-        for req in parser.buffer_updated(count):
-            served.append((req.cookie, bytes(req.payload) if req.payload is not None else b""))
-    return served
+    return [
+        (req.cookie, bytes(req.payload) if req.payload is not None else b"")
+        for batch in receive_in_pieces(parser, data, chunk)
+        for req in batch
+    ]
 
 
 @settings(max_examples=300, deadline=None)
@@ -240,14 +235,9 @@ def test_partial_write_reports_a_final_prefix_of_the_arriving_payload(
     )
     parser = RequestParser(MAX)
     seen: dict[int, int] = {}  # cookie -> bytes reported so far
-    source = memoryview(stream)
     done: list[int] = []
-    while source:
-        target = parser.get_buffer()
-        count = min(len(target), len(source), chunk)
-        target[:count] = source[:count]
-        source = source[count:]
-        for req in parser.buffer_updated(count):
+    for batch in receive_in_pieces(parser, stream, chunk):
+        for req in batch:
             assert req.payload == payloads[req.cookie]
             done.append(req.cookie)
         partial = parser.partial_write()

@@ -30,7 +30,7 @@ from nbdguard.server.dispatch import Dispatcher
 from nbdguard.server.exports import open_export
 from nbdguard.storage.device import BlockDevice, FileRange, Layer
 from tests.guard.samples import QEMU_HEADERS
-from tests.protocol.nbdwire import request
+from tests.protocol.nbdwire import receive_in_pieces, request
 from tests.storage.test_qcow2_image import check_and_compare, sh
 
 SIZE = 4 << 20
@@ -225,13 +225,8 @@ class Arrivals:
         self.parser = RequestParser(32 << 20)
 
     def receive(self, data: bytes) -> None:
-        source = memoryview(data)
-        while source:
-            target = self.parser.get_buffer()
-            count = min(len(target), len(source))
-            target[:count] = source[:count]
-            source = source[count:]
-            for req in self.parser.buffer_updated(count):
+        for batch in receive_in_pieces(self.parser, data):
+            for req in batch:
                 self.dispatcher.handle(req)
             partial = self.parser.partial_write()
             if partial is not None:
