@@ -24,12 +24,14 @@ LogFormat = Literal["json", "console", "auto"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 HeaderGuard = Literal["qemu", "strict", "off"]
 ExistingHeaderAction = Literal["warn", "refuse"]
+CheckOnOpen = Literal["light", "full"]
 
 FORMATS: tuple[Format, ...] = ("raw", "qcow2")
 LOG_FORMATS: tuple[LogFormat, ...] = ("json", "console", "auto")
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 GUARD_RULE_SETS: tuple[HeaderGuard, ...] = ("qemu", "strict", "off")
 EXISTING_HEADER_ACTIONS: tuple[ExistingHeaderAction, ...] = ("warn", "refuse")
+CHECKS_ON_OPEN: tuple[CheckOnOpen, ...] = ("light", "full")
 DEFAULT_LISTEN = "tcp://127.0.0.1:10809"
 MAX_STRING_BYTES = 4096  # NBD's limit for export names and descriptions
 
@@ -37,18 +39,21 @@ TOP_KEYS = ("server", "exports")
 SERVER_KEYS = (
     "listen", "metrics_listen", "log_format", "log_level", "request_metrics",
     "handshake_timeout", "max_connections", "max_requests_in_flight", "tls", "idle_timeout",
-    "max_options", "max_option_length", "send_buffer",
+    "max_options", "max_option_length", "send_buffer", "max_buffered_bytes_per_connection",
+    "memory_budget", "max_connections_per_client", "evict_idle_after", "socket_mode",
 )  # fmt: skip
 TLS_KEYS = ("mode", "cert", "key", "ca")
 TlsMode = Literal["off", "on", "require"]
 TLS_MODES: tuple[TlsMode, ...] = ("off", "on", "require")
 GUARD_KEYS = ("header_guard", "allow_headers", "on_existing_header")
 CHAIN_KEYS = ("allow_dirs", "max_chain_depth", "backing")
+QCOW2_KEYS = (*CHAIN_KEYS, "check_on_open", "metadata_cache")
 ACCESS_KEYS = ("allow_clients", "allow_addresses", "max_connections")
 EXPORT_KEYS = (
-    "name", "path", "format", "read_only", "description", *GUARD_KEYS, *CHAIN_KEYS, *ACCESS_KEYS
+    "name", "path", "format", "read_only", "description", *GUARD_KEYS, *QCOW2_KEYS, *ACCESS_KEYS
 )  # fmt: skip
 DEFAULT_MAX_CHAIN_DEPTH = 16
+DEFAULT_METADATA_CACHE = 32 << 20
 
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 _LABEL_CHARS = 40  # how much of an export name to repeat in every message about it
@@ -107,6 +112,16 @@ class ServerConfig:
     max_options: int = 64  # option requests per handshake
     max_option_length: int = 16 * 1024  # bytes of one option request's payload
     send_buffer: int = 4 << 20  # SO_SNDBUF per connection (capped by wmem_max); 0: kernel's
+    # Bytes held for one connection (payloads received and not yet written, reply data read
+    # and not yet sent) and for all of them together; at the limit reading stops.
+    max_buffered_bytes_per_connection: int = 64 << 20
+    memory_budget: int = 1 << 30
+    # Connections one client (TCP source address, Unix peer uid, certificate subject) may hold.
+    max_connections_per_client: int = 16
+    # At max_connections, a connection idle this many seconds may be closed to admit a new
+    # one; 0: never.
+    evict_idle_after: float = 60.0
+    socket_mode: int = 0o660  # permissions of the Unix sockets the server binds
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +145,8 @@ class ExportConfig:
     allow_dirs: tuple[Path, ...] = ()  # absolute; where backing and data files may live
     max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH  # images in the chain, the top included
     backing: tuple[BackingPin, ...] | None = None  # the whole chain below the top, pinned
+    check_on_open: CheckOnOpen = "light"  # qcow2: "full" checks every reference like qemu-img
+    metadata_cache: int = DEFAULT_METADATA_CACHE  # qcow2: bytes of L2/refcount tables cached
     # Who may see and use the export (empty: anyone who can connect). Certificate subjects
     # like "CN=web01" need a verified client certificate; networks apply to TCP clients.
     allow_clients: tuple[str, ...] = ()
@@ -346,10 +363,37 @@ def _parse_server(table: _Table, base_dir: Path) -> ServerConfig:
             table.number("max_option_length", 16 * 1024, minimum=4096 + 8, integer=True)
         ),
         send_buffer=int(table.number("send_buffer", 4 << 20, minimum=0, integer=True)),
+        max_buffered_bytes_per_connection=int(
+            table.number(
+                "max_buffered_bytes_per_connection", 64 << 20, minimum=1 << 20, integer=True
+            )
+        ),
+        memory_budget=int(table.number("memory_budget", 1 << 30, minimum=1 << 20, integer=True)),
+        max_connections_per_client=int(
+            table.number("max_connections_per_client", 16, minimum=1, integer=True)
+        ),
+        evict_idle_after=table.number("evict_idle_after", 60.0, minimum=0),
+        socket_mode=_socket_mode(table),
         tls=_parse_tls(
             table.table("tls", table.where.replace("[server]", "[server.tls]")), base_dir
         ),
     )
+
+
+def _socket_mode(table: _Table) -> int:
+    """Unix socket permissions: an octal string ("0660") or a TOML integer (0o660)."""
+    value = table.data.get("socket_mode", 0o660)
+    mode: int | None = None
+    if isinstance(value, str) and value and all(c in "01234567" for c in value):
+        mode = int(value, 8)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    if mode is None or not 0 <= mode <= 0o777:
+        table.problem(
+            "socket_mode", f'must be permissions like "0660" or 0o660 (got {_shown(value)})'
+        )
+        return 0o660
+    return mode
 
 
 def _parse_tls(table: _Table, base_dir: Path) -> TlsConfig:
@@ -415,9 +459,9 @@ def _parse_export(table: _Table, base_dir: Path) -> ExportConfig:
             if key in table.data:
                 table.problem(key, "applies to raw exports only (a qcow2 header is pinned anyway)")
     else:
-        for key in CHAIN_KEYS:
+        for key in QCOW2_KEYS:
             if key in table.data:
-                table.problem(key, "applies to qcow2 exports only (a raw image has no backing)")
+                table.problem(key, "applies to qcow2 exports only (a raw image has no metadata)")
     return ExportConfig(
         name=table.string("name", max_bytes=MAX_STRING_BYTES),
         path=_export_path(table, base_dir),
@@ -435,6 +479,10 @@ def _parse_export(table: _Table, base_dir: Path) -> ExportConfig:
             table.number("max_chain_depth", DEFAULT_MAX_CHAIN_DEPTH, minimum=1, integer=True)
         ),
         backing=_backing_pins(table, base_dir),
+        check_on_open=table.choice("check_on_open", CHECKS_ON_OPEN, "light"),
+        metadata_cache=int(
+            table.number("metadata_cache", DEFAULT_METADATA_CACHE, minimum=1 << 20, integer=True)
+        ),
         allow_clients=_client_subjects(table),
         allow_addresses=_networks(table),
         max_connections=(

@@ -46,7 +46,8 @@ EXPORT = '[[exports]]\nname = "a"\npath = "a.raw"\nformat = "raw"\n'
 SERVER_ALLOWED = (
     "listen", "metrics_listen", "log_format", "log_level", "request_metrics",
     "handshake_timeout", "max_connections", "max_requests_in_flight", "tls", "idle_timeout",
-    "max_options", "max_option_length", "send_buffer",
+    "max_options", "max_option_length", "send_buffer", "max_buffered_bytes_per_connection",
+    "memory_budget", "max_connections_per_client", "evict_idle_after", "socket_mode",
 )  # fmt: skip
 EXPORT_ALLOWED = (
     "name",
@@ -60,6 +61,8 @@ EXPORT_ALLOWED = (
     "allow_dirs",
     "max_chain_depth",
     "backing",
+    "check_on_open",
+    "metadata_cache",
     "allow_clients",
     "allow_addresses",
     "max_connections",
@@ -684,3 +687,47 @@ def test_send_buffer(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "[server]\nsend_buffer = 0\n" + EXPORT))
     assert config.server.send_buffer == 0
     assert "must be an integer" in one_problem(tmp_path, '[server]\nsend_buffer = "4M"\n' + EXPORT)
+
+
+def test_budget_and_admission_keys(tmp_path: Path) -> None:
+    server = load_config(write(tmp_path, EXPORT)).server
+    assert server.max_buffered_bytes_per_connection == 64 << 20
+    assert server.memory_budget == 1 << 30
+    assert (server.max_connections_per_client, server.evict_idle_after) == (16, 60.0)
+    assert server.socket_mode == 0o660
+    text = (
+        "[server]\nmax_buffered_bytes_per_connection = 2097152\nmemory_budget = 8388608\n"
+        'max_connections_per_client = 2\nevict_idle_after = 0\nsocket_mode = "0600"\n'
+    )
+    server = load_config(write(tmp_path, text + EXPORT)).server
+    assert server.max_buffered_bytes_per_connection == 2 << 20
+    assert (server.memory_budget, server.max_connections_per_client) == (8 << 20, 2)
+    assert (server.evict_idle_after, server.socket_mode) == (0, 0o600)
+    as_integer = load_config(write(tmp_path, "[server]\nsocket_mode = 0o640\n" + EXPORT))
+    assert as_integer.server.socket_mode == 0o640
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("memory_budget = 1000", 'key "memory_budget": must be at least'),
+        ("max_connections_per_client = 0", "must be at least 1"),
+        ('socket_mode = "rw-rw----"', 'key "socket_mode": must be permissions like'),
+        ("socket_mode = 0o7777", 'key "socket_mode": must be permissions like'),
+    ],
+)
+def test_bad_budget_and_admission_keys(tmp_path: Path, line: str, message: str) -> None:
+    assert message in one_problem(tmp_path, f"[server]\n{line}\n" + EXPORT)
+
+
+def test_qcow2_check_and_cache_keys(tmp_path: Path) -> None:
+    export = load_config(write(tmp_path, QCOW2)).exports[0]
+    assert (export.check_on_open, export.metadata_cache) == ("light", 32 << 20)
+    text = QCOW2 + 'check_on_open = "full"\nmetadata_cache = 4194304\n'
+    export = load_config(write(tmp_path, text)).exports[0]
+    assert (export.check_on_open, export.metadata_cache) == ("full", 4 << 20)
+    assert 'must be one of "light", "full"' in one_problem(
+        tmp_path, QCOW2 + 'check_on_open = "none"\n'
+    )
+    problem = one_problem(tmp_path, EXPORT + 'check_on_open = "full"\n')
+    assert 'key "check_on_open": applies to qcow2 exports only' in problem

@@ -107,6 +107,12 @@ class Metrics:
             ["export", "reason"],
             registry=r,
         )
+        self.qcow2_corruption = Counter(
+            "nbdguard_qcow2_corruption",
+            "Impossible qcow2 metadata found while serving (the export turned read-only).",
+            ["export", "kind"],
+            registry=r,
+        )
         self.limit_hits = Counter(
             "nbdguard_limit_hits",
             "Connections or requests refused because a configured limit was reached.",
@@ -210,6 +216,9 @@ class ExportMetrics:
         self.metrics.header_writes_blocked.labels(
             export=self.export, format=detected_format, command=command
         ).inc()
+
+    def qcow2_corrupt(self, kind: str) -> None:
+        self.metrics.qcow2_corruption.labels(export=self.export, kind=kind).inc()
 
     def existing_header(self, detected_format: str) -> None:
         self.metrics.existing_header.labels(export=self.export, format=detected_format).set(1)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from nbdguard.config import ExportConfig
 from nbdguard.observability.metrics import ExportMetrics
+from nbdguard.observability.reporter import ExportReporter
 from nbdguard.protocol.constants import (
     MAX_PAYLOAD,
     MIN_BLOCK_SIZE,
@@ -73,7 +74,7 @@ def transmission_flags(capabilities: Capabilities) -> int:
 
 def open_export(config: ExportConfig, metrics: ExportMetrics) -> Export:
     """Open the export's device stack; raises ExportOpenError with the reason."""
-    device = build_device(config, on_rmw=metrics.count_rmw)
+    device = build_device(config, ExportReporter(config.name, metrics))
     info = ExportInfo(
         name=config.name,
         description=config.description,

@@ -50,6 +50,18 @@ class FileRange:
         return f"FileRange(fd={self.fd}, offset={self.offset}, length={self.length})"
 
 
+class WouldBlock(Exception):
+    """Raised by a device method that cannot finish without waiting (another process holds
+    a lock it needs, say). Nothing has been done; `retry` does the same operation, waiting
+    as long as it may (it raises OSError(EIO) past its bound), and is meant for a worker
+    thread: the caller runs it there and answers the request when it returns. `retry` owns
+    what it needs (a write's data is copied), so the caller's buffers may be reused."""
+
+    def __init__(self, retry: Callable[[], None], reason: str) -> None:
+        super().__init__(reason)
+        self.retry = retry
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a device can do; the server derives transmission flags from it."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from nbdguard.config import ExportConfig
 from nbdguard.errors import ChainRefused, ExportOpenError
 from nbdguard.guard.sector0 import GuardPolicy, Sector0Guard
+from nbdguard.observability.reporter import ExportReporter
 from nbdguard.storage.chain import Chain, ChainLayer, resolve_chain
 from nbdguard.storage.device import BlockDevice
 from nbdguard.storage.locks import sector_lock
@@ -15,8 +14,10 @@ from nbdguard.storage.qcow2.image import Qcow2Image
 from nbdguard.storage.raw import RawImage
 
 
-def build_device(config: ExportConfig, *, on_rmw: Callable[[], None] | None = None) -> BlockDevice:
-    """Open the export's stack; refuse (ExportOpenError) anything that is not safe to serve."""
+def build_device(config: ExportConfig, reporter: ExportReporter | None = None) -> BlockDevice:
+    """Open the export's stack; refuse (ExportOpenError) anything that is not safe to serve.
+    Layers report what they find through `reporter` (none: logged without metrics)."""
+    reporter = reporter or ExportReporter(config.name)
     chain = resolve_chain(config)
     try:
         device = chain_device(chain)
@@ -25,7 +26,7 @@ def build_device(config: ExportConfig, *, on_rmw: Callable[[], None] | None = No
         raise
     if config.format != "raw" or config.header_guard == "off":
         return device
-    return _guarded(config, device, chain.layers[0], on_rmw)
+    return _guarded(config, device, chain.layers[0], reporter)
 
 
 def chain_device(chain: Chain) -> BlockDevice:
@@ -56,13 +57,11 @@ def _guarded(
     config: ExportConfig,
     raw: BlockDevice,
     layer: ChainLayer,
-    on_rmw: Callable[[], None] | None,
+    reporter: ExportReporter,
 ) -> BlockDevice:
     policy = GuardPolicy(config.header_guard, config.allow_headers)
     fd = layer.file.fd
-    guard = Sector0Guard(
-        raw, policy, file_lock=lambda: sector_lock(fd), on_rmw=on_rmw or (lambda: None)
-    )
+    guard = Sector0Guard(raw, policy, file_lock=lambda: sector_lock(fd), on_rmw=reporter.count_rmw)
     existing = guard.existing_header()
     if existing is not None and config.on_existing_header == "refuse":
         guard.close()

@@ -1,0 +1,39 @@
+"""What the layers of one export report about themselves (nbdkit's filters log for
+themselves): each layer is given the export's reporter and calls it; the reporter logs the
+event with the export's context and counts it. The dispatcher and the app need not know
+which layers exist."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nbdguard.observability.logging import get_logger
+from nbdguard.observability.metrics import ExportMetrics
+
+
+class ExportReporter:
+    """Events and counters of one export, for the layers of its device stack."""
+
+    def __init__(self, export: str, metrics: ExportMetrics | None = None, log: Any = None) -> None:
+        self.export = export
+        self.metrics = metrics
+        self.log: Any = log if log is not None else get_logger(export=export)
+
+    def count_rmw(self) -> None:
+        """The guard read-modify-wrote sector 0."""
+        if self.metrics is not None:
+            self.metrics.count_rmw()
+
+    def qcow2_corrupt(
+        self, *, kind: str, detail: str, guest_offset: int | None, host_offset: int | None
+    ) -> None:
+        """A qcow2 layer found impossible metadata (and turned the export read-only)."""
+        if self.metrics is not None:
+            self.metrics.qcow2_corrupt(kind)
+        self.log.error(
+            "qcow2.corrupt",
+            kind=kind,
+            detail=detail,
+            guest_offset=guest_offset,
+            host_offset=host_offset,
+        )
