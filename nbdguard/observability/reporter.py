@@ -5,10 +5,19 @@ which layers exist."""
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any
 
 from nbdguard.observability.logging import get_logger
 from nbdguard.observability.metrics import ExportMetrics
+
+# Who is being served right now ({"conn": 7, "client": "unix:uid=1000"}): set by the
+# connection around the requests it hands to the device stack (once per receive, not per
+# request), so that a layer's event names the client without the layer knowing it.
+connection_context: ContextVar[MappingProxyType[str, Any]] = ContextVar(
+    "nbdguard_connection", default=MappingProxyType({})
+)
 
 
 class ExportReporter:
@@ -32,6 +41,7 @@ class ExportReporter:
             self.metrics.qcow2_corrupt(kind)
         self.log.error(
             "qcow2.corrupt",
+            **connection_context.get(),
             kind=kind,
             detail=detail,
             guest_offset=guest_offset,
