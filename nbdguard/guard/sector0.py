@@ -10,19 +10,22 @@ or beyond byte 512 pass straight through and pay nothing.
 
 The check and the write happen under an export-wide lock (all connections of an
 export share this layer) and an OFD byte-range lock on the start of the file, so
-no two writers can each supply half of a header.
+no two writers can each supply half of a header. Neither lock is ever waited for on
+the event loop: when one is held the request is retried in a worker thread, which
+waits a bounded time and then fails the request with EIO.
 """
 
 from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from nbdguard.guard.signatures import detect_header
-from nbdguard.storage.device import BlockDevice, Buffer, Layer
+from nbdguard.storage.device import BlockDevice, Buffer, Layer, WouldBlock
 
 SECTOR = 512
 
@@ -48,20 +51,45 @@ class GuardPolicy:
 Patch = Callable[[bytearray, int, int], None]  # (sector, start, stop): apply the request there
 
 
+class FileLock(Protocol):
+    """The lock other processes honour on the start of the file (locks.SectorLock)."""
+
+    wait: float
+
+    def try_acquire(self) -> bool: ...
+    def acquire(self, deadline: float) -> None: ...
+    def release(self) -> None: ...
+
+
+class _NoFileLock:
+    wait = 0.0
+
+    def try_acquire(self) -> bool:
+        return True
+
+    def acquire(self, deadline: float) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
 class Sector0Guard(Layer):
     def __init__(
         self,
         inner: BlockDevice,
         policy: GuardPolicy,
         *,
-        file_lock: Callable[[], AbstractContextManager[object]] | None = None,
+        file_lock: FileLock | None = None,
         on_rmw: Callable[[], None] = lambda: None,
+        on_lock_timeout: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(inner)
         self.policy = policy
         self._lock = threading.Lock()
-        self._file_lock = file_lock or nullcontext
+        self._file_lock: FileLock = file_lock or _NoFileLock()
         self._on_rmw = on_rmw
+        self._on_lock_timeout = on_lock_timeout
         self._sector_size = min(SECTOR, inner.size)
 
     def existing_header(self) -> str | None:
@@ -72,15 +100,25 @@ class Sector0Guard(Layer):
         if offset >= SECTOR:
             self.inner.pwrite(data, offset)
             return
+        self._locked(
+            lambda: self._write_head(data, offset), lambda: self._owned_write(data, offset)
+        )
+
+    def _owned_write(self, data: Buffer, offset: int) -> Callable[[], None]:
+        """The same write over a copy of its data: the caller may reuse its buffer."""
+        copy = bytes(data)
+        return lambda: self._write_head(copy, offset)
+
+    def _write_head(self, data: Buffer, offset: int) -> None:
         view = memoryview(data)
         stop = min(offset + len(view), self._sector_size)
 
         def patch(sector: bytearray, start: int, end: int) -> None:
             sector[start:end] = view[: end - start]
 
-        with self._guarded(patch, offset, stop):
-            if len(view) > stop - offset:
-                self.inner.pwrite(view[stop - offset :], stop)
+        self._check_and_write(patch, offset, stop)
+        if len(view) > stop - offset:
+            self.inner.pwrite(view[stop - offset :], stop)
 
     def partial_write_unit(self, offset: int) -> int:
         """Only writes that start past sector 0: one that touches it is checked whole, so that
@@ -91,36 +129,78 @@ class Sector0Guard(Layer):
         if offset >= SECTOR:
             self.inner.write_zeroes(offset, length, may_trim=may_trim, fast=fast)
             return
-        stop = min(offset + length, self._sector_size)
-        with self._guarded(_zero, offset, stop):
+
+        def zero_head() -> None:
+            stop = min(offset + length, self._sector_size)
+            self._check_and_write(_zero, offset, stop)
             if offset + length > stop:
                 rest = offset + length - stop
                 self.inner.write_zeroes(stop, rest, may_trim=may_trim, fast=fast)
+
+        self._locked(zero_head, lambda: zero_head)
 
     def trim(self, offset: int, length: int) -> None:
         """A trimmed sector 0 reads back as zeroes here, so it is checked (and written) so."""
         if offset >= SECTOR:
             self.inner.trim(offset, length)
             return
-        stop = min(offset + length, self._sector_size)
-        with self._guarded(_zero, offset, stop):
+
+        def trim_head() -> None:
+            stop = min(offset + length, self._sector_size)
+            self._check_and_write(_zero, offset, stop)
             if offset + length > stop:
                 self.inner.trim(stop, offset + length - stop)
 
-    @contextmanager
-    def _guarded(self, patch: Patch, start: int, stop: int) -> Iterator[None]:
-        """Check-and-write sector 0; the body (the rest of the request) runs under the locks."""
-        with self._lock, self._file_lock():
-            original = bytes(self.inner.pread(0, self._sector_size))
-            sector = bytearray(original)
-            patch(sector, start, stop)
-            if sector != original:
-                detected = self.policy.detect(sector)
-                if detected is not None:
-                    raise HeaderWriteBlocked(detected, bytes(sector[:16]))
-                self.inner.pwrite(sector, 0)
-            self._on_rmw()
-            yield
+        self._locked(trim_head, lambda: trim_head)
+
+    def _locked(self, work: Callable[[], None], owned: Callable[[], Callable[[], None]]) -> None:
+        """Run `work` under the export's lock and the file lock, if both are free now. If
+        either is held, nothing is done and WouldBlock hands the caller a retry that waits
+        for them (bounded) in a worker thread, so a local process holding a lock on the
+        file's first bytes never stalls the event loop."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._file_lock.try_acquire():
+                    try:
+                        work()
+                    finally:
+                        self._file_lock.release()
+                    return
+            finally:
+                self._lock.release()
+        retry = owned()
+        raise WouldBlock(lambda: self._wait_then(retry), "sector 0 is locked")
+
+    def _wait_then(self, work: Callable[[], None]) -> None:
+        deadline = time.monotonic() + self._file_lock.wait
+        if not self._lock.acquire(timeout=max(self._file_lock.wait, 0.001)):
+            self._on_lock_timeout()
+            raise OSError(errno.EIO, "sector 0 is busy: gave up waiting for the guard's lock")
+        try:
+            try:
+                self._file_lock.acquire(deadline)
+            except OSError:
+                self._on_lock_timeout()
+                raise
+            try:
+                work()
+            finally:
+                self._file_lock.release()
+        finally:
+            self._lock.release()
+
+    def _check_and_write(self, patch: Patch, start: int, stop: int) -> None:
+        """Read sector 0, apply the request to a private copy, refuse a header, write the
+        checked bytes. The caller holds the locks and writes the rest of the request."""
+        original = bytes(self.inner.pread(0, self._sector_size))
+        sector = bytearray(original)
+        patch(sector, start, stop)
+        if sector != original:
+            detected = self.policy.detect(sector)
+            if detected is not None:
+                raise HeaderWriteBlocked(detected, bytes(sector[:16]))
+            self.inner.pwrite(sector, 0)
+        self._on_rmw()
 
 
 def _zero(sector: bytearray, start: int, stop: int) -> None:

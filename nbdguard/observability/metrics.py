@@ -95,6 +95,12 @@ class Metrics:
             ["export"],
             registry=r,
         )
+        self.sector_lock_timeouts = Counter(
+            "nbdguard_sector0_lock_timeouts",
+            "Sector-0 writes failed (EIO) because another process held the file's sector lock.",
+            ["export"],
+            registry=r,
+        )
         self.existing_header = Gauge(
             "nbdguard_export_existing_header",
             "1 when the export's sector 0 already matched a header rule at startup.",
@@ -216,6 +222,9 @@ class ExportMetrics:
         self.metrics.header_writes_blocked.labels(
             export=self.export, format=detected_format, command=command
         ).inc()
+
+    def sector_lock_timeout(self) -> None:
+        self.metrics.sector_lock_timeouts.labels(export=self.export).inc()
 
     def qcow2_corrupt(self, kind: str) -> None:
         self.metrics.qcow2_corruption.labels(export=self.export, kind=kind).inc()

@@ -33,6 +33,12 @@ class ExportReporter:
         if self.metrics is not None:
             self.metrics.count_rmw()
 
+    def sector_lock_timeout(self) -> None:
+        """A sector-0 write gave up waiting for a lock another process held (EIO)."""
+        if self.metrics is not None:
+            self.metrics.sector_lock_timeout()
+        self.log.warning("guard.sector_lock_timeout", **connection_context.get())
+
     def qcow2_corrupt(
         self, *, kind: str, detail: str, guest_offset: int | None, host_offset: int | None
     ) -> None:

@@ -31,7 +31,7 @@ from nbdguard.protocol.constants import (
 from nbdguard.protocol.transmission import Request
 from nbdguard.protocol.validate import SessionLimits, validate
 from nbdguard.server.exports import Export
-from nbdguard.storage.device import BlockDevice, Buffer, Extent, FileRange
+from nbdguard.storage.device import BlockDevice, Buffer, Extent, FileRange, WouldBlock
 
 ZERO = int(AllocationFlag.ZERO)  # OFFSET_HOLE means "reads as zeroes"
 # Per-request tests use plain ints: `int & IntFlag` builds a new enum object every time.
@@ -49,6 +49,10 @@ READ_MAX_EXTENTS = 64
 STATUS_MAX_EXTENTS = 4096
 Data = Buffer | FileRange
 Send = Callable[[Sequence[Data]], None]
+
+
+# Commands whose device call may raise WouldBlock: their reply is a write's reply.
+_RETRIED_WRITES = frozenset({Command.WRITE, Command.WRITE_ZEROES, Command.TRIM})
 
 
 class Dispatcher:
@@ -97,6 +101,26 @@ class Dispatcher:
             return
         try:
             pending = _HANDLERS[request.command](self, request, started)
+        except WouldBlock as blocked:
+            if request.command not in _RETRIED_WRITES:  # a device bug, not the client's fault
+                self.finished(request, self.fail(request, blocked), started)
+                return
+            self.spawn(self._retry_then_reply(request, started, blocked.retry))
+            return
+        except Exception as exc:
+            self.finished(request, self.fail(request, exc), started)
+            return
+        if not pending:
+            self.finished(request, _OK, started)
+
+    async def _retry_then_reply(
+        self, request: Request, started: float, retry: Callable[[], None]
+    ) -> None:
+        """A device operation that would have waited (a lock another process holds) runs in
+        a worker thread; the loop serves everyone else meanwhile."""
+        try:
+            await asyncio.to_thread(retry)
+            pending = self._finish_write(request, started)
         except Exception as exc:
             self.finished(request, self.fail(request, exc), started)
             return

@@ -15,8 +15,7 @@ import errno
 import fcntl
 import os
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
 
 PERM_BASE = 100
 SHARED_BASE = 200
@@ -71,18 +70,48 @@ def _conflict(message: str) -> None:
 
 
 SECTOR_LOCK_END = PERM_BASE  # bytes 100+ carry the permission locks above
+SECTOR_LOCK_WAIT = 5.0  # seconds a sector-0 write waits for another process's lock
 
 
-@contextmanager
-def sector_lock(fd: int) -> Iterator[None]:
-    """Hold an OFD write lock over bytes 0-99 while sector 0 is read, checked and written.
+class SectorLock:
+    """An OFD write lock over bytes 0-99, held while sector 0 is read, checked and written.
 
     Another process following the same convention cannot interleave its own
     read-modify-write of sector 0. The lock stops short of byte 100 because a write
-    lock over the permission bytes would replace our own read locks there.
+    lock over the permission bytes would replace our own read locks there. Nothing here
+    blocks without a bound: the event loop only tries (`try_acquire`), and a worker
+    thread waits at most `wait` seconds (`acquire`), because any local process may hold a
+    lock on these bytes for as long as it likes.
     """
-    _flock(fd, _F_OFD_SETLKW, fcntl.F_WRLCK, 0, SECTOR_LOCK_END)
-    try:
-        yield
-    finally:
-        _flock(fd, _F_OFD_SETLK, fcntl.F_UNLCK, 0, SECTOR_LOCK_END)
+
+    def __init__(self, fd: int, wait: float = SECTOR_LOCK_WAIT) -> None:
+        self.fd = fd
+        self.wait = wait
+
+    def try_acquire(self) -> bool:
+        try:
+            _flock(self.fd, _F_OFD_SETLK, fcntl.F_WRLCK, 0, SECTOR_LOCK_END)
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def acquire(self, deadline: float) -> None:
+        """Poll until the lock is ours or `deadline` (time.monotonic) passes: EIO then."""
+        pause = 0.001
+        while not self.try_acquire():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SectorLockTimeout(
+                    errno.EIO, "sector 0 is locked by another process: gave up waiting"
+                )
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.05)
+
+    def release(self) -> None:
+        _flock(self.fd, _F_OFD_SETLK, fcntl.F_UNLCK, 0, SECTOR_LOCK_END)
+
+
+class SectorLockTimeout(OSError):
+    """Sector 0 stayed locked by another process for longer than a write may wait."""

@@ -8,7 +8,7 @@ from nbdguard.guard.sector0 import GuardPolicy, Sector0Guard
 from nbdguard.observability.reporter import ExportReporter
 from nbdguard.storage.chain import Chain, ChainLayer, resolve_chain
 from nbdguard.storage.device import BlockDevice
-from nbdguard.storage.locks import sector_lock
+from nbdguard.storage.locks import SectorLock
 from nbdguard.storage.qcow2.hostfile import HostFile
 from nbdguard.storage.qcow2.image import Qcow2Image
 from nbdguard.storage.raw import RawImage
@@ -60,8 +60,13 @@ def _guarded(
     reporter: ExportReporter,
 ) -> BlockDevice:
     policy = GuardPolicy(config.header_guard, config.allow_headers)
-    fd = layer.file.fd
-    guard = Sector0Guard(raw, policy, file_lock=lambda: sector_lock(fd), on_rmw=reporter.count_rmw)
+    guard = Sector0Guard(
+        raw,
+        policy,
+        file_lock=SectorLock(layer.file.fd),
+        on_rmw=reporter.count_rmw,
+        on_lock_timeout=reporter.sector_lock_timeout,
+    )
     existing = guard.existing_header()
     if existing is not None and config.on_existing_header == "refuse":
         guard.close()

@@ -10,7 +10,7 @@ import pytest
 
 from nbdguard.guard.sector0 import GuardPolicy, HeaderWriteBlocked, Sector0Guard
 from nbdguard.guard.signatures import detect_header
-from nbdguard.storage.locks import sector_lock
+from nbdguard.storage.locks import SectorLock
 from nbdguard.storage.pinned import open_pinned
 from nbdguard.storage.raw import RawImage
 from tests.guard.samples import NOT_DETECTED_BY_QEMU, QEMU_HEADERS, STRICT_ONLY
@@ -34,7 +34,7 @@ class Guarded:
         self.device = Sector0Guard(
             RawImage(opened),
             GuardPolicy(rules, allowed),
-            file_lock=lambda: sector_lock(opened.fd),
+            file_lock=SectorLock(opened.fd),
             on_rmw=self._count,
         )
 
