@@ -9,7 +9,10 @@ a stable reason label:
 
 protocol_name, format_missing, unsupported_format, pin_mismatch, outside_allow_dirs, cycle,
 too_deep, not_regular_file, open_failed, locked, encrypted, unsupported_feature, corrupt,
-dirty, bad_header
+dirty, bad_header, changed_during_open
+
+The allow-list holds on the descriptor actually opened (see `open_pinned`): a path that is
+swapped between its check and its open is refused as changed_during_open.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from nbdguard.config import FORMATS, BackingPin, ExportConfig, Format
 from nbdguard.errors import ChainRefused
-from nbdguard.storage.pinned import OpenedFile, open_pinned
+from nbdguard.storage.pinned import OpenedFile, check_allowed, open_pinned
 from nbdguard.storage.qcow2.header import (
     CORRUPT,
     DIRTY,
@@ -34,6 +37,7 @@ REASONS = (
     "protocol_name", "format_missing", "unsupported_format", "pin_mismatch",
     "outside_allow_dirs", "cycle", "too_deep", "not_regular_file", "open_failed", "locked",
     "encrypted", "unsupported_feature", "corrupt", "dirty", "bad_header",
+    "changed_during_open",
 )  # fmt: skip
 
 
@@ -91,8 +95,9 @@ class ChainResolver:
         self.lock = lock
         self.chain = Chain(config.name)
         self.seen: set[tuple[int, int]] = set()
-        top_dir = Path(os.path.realpath(config.path)).parent
-        self.allowed = (top_dir, *(Path(os.path.realpath(d)) for d in config.allow_dirs))
+        self.extra_allowed = tuple(Path(os.path.realpath(d)) for d in config.allow_dirs)
+        # Set once the top image is open: the directory it was actually opened in.
+        self.allowed: tuple[Path, ...] = ()
 
     def refuse(self, layer: int, path: Path | str, reason: str, detail: str) -> ChainRefused:
         return ChainRefused(self.config.name, layer, str(path), reason, detail)
@@ -117,6 +122,8 @@ class ChainResolver:
             )
         writable = index == 0 and not self.config.read_only
         opened = self.open_file(index, named, writable=writable, regular_only=index > 0)
+        if index == 0:
+            self.allowed = (opened.path.parent, *self.extra_allowed)
         layer = ChainLayer(index, named, opened, fmt, source)
         try:
             if fmt == "qcow2":
@@ -140,20 +147,14 @@ class ChainResolver:
             regular_only=regular_only,
             lock=self.lock,
             already_open=self.seen,
+            allowed=self.allowed or None,  # empty only for the top image itself
         )
         self.seen.add(opened.identity)
         return opened
 
     def check_allowed(self, index: int, named: Path) -> None:
-        resolved = Path(os.path.realpath(named))
-        if not any(resolved.is_relative_to(directory) for directory in self.allowed):
-            allowed = ", ".join(str(directory) for directory in self.allowed)
-            raise self.refuse(
-                index,
-                named,
-                "outside_allow_dirs",
-                f"resolves to {resolved}, outside the image's directory and allow_dirs ({allowed})",
-            )
+        """An early check by path, for the message; open_pinned checks again on the fd."""
+        check_allowed(named, self.allowed, export=self.config.name, layer=index)
 
     def read_header(self, index: int, opened: OpenedFile) -> Qcow2Header:
         data = os.pread(opened.fd, min(opened.size, 1 << MAX_CLUSTER_BITS), 0)

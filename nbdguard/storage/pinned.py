@@ -1,8 +1,14 @@
 """The one owner of every open() of an image file.
 
-A path is resolved once, opened once, checked on the open descriptor (never by
-path again, so there is no time-of-check/time-of-use gap), locked, and held for
-the export's lifetime. Nothing here looks at file contents to decide a format.
+A path is resolved once (symlinks are followed only here, by realpath), checked against
+the allowed directories, and then opened by walking the symlink-free result from a held
+descriptor of the allowed directory, one component at a time with O_NOFOLLOW and never
+through '..'. A symlink met during that walk means the path changed after it was checked:
+it is refused (reason `changed_during_open`), never followed. After the open, the
+descriptor's /proc/self/fd target must still be the checked path and name the same
+(st_dev, st_ino), so the allow-list holds on the file actually opened, not on a path that
+may have been swapped since. The file is then locked and held for the export's lifetime.
+Nothing here looks at file contents to decide a format.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Set
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +49,7 @@ def open_pinned(
     regular_only: bool = False,
     lock: bool = True,
     already_open: Set[tuple[int, int]] = frozenset(),
+    allowed: Sequence[Path] | None = None,
 ) -> OpenedFile:
     """Open one file of an export's chain, or raise ChainRefused saying exactly why not.
 
@@ -51,16 +58,21 @@ def open_pinned(
     is for inspecting an image that may be in use, never for serving it. A file whose
     (st_dev, st_ino) is in `already_open` is a cycle, refused before locking (our own lock
     on its first open would otherwise make it look locked by someone else).
+
+    `allowed` lists the symlink-free directories the file must lie in (None: the directory
+    it resolves into, as for the image an export names); the check holds on the opened
+    descriptor, and a path swapped during the open is refused as `changed_during_open`.
     """
-    resolved = Path(os.path.realpath(path))
+    if allowed is None:
+        resolved = Path(os.path.realpath(path))
+        base = resolved.parent
+    else:
+        resolved, base = check_allowed(path, allowed, export=export, layer=layer)
     flags = os.O_RDONLY if read_only else os.O_RDWR
     flags |= os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW | os.O_NONBLOCK
+    fd = _open_beneath(path, resolved, base, flags, export=export, layer=layer)
     try:
-        fd = os.open(resolved, flags)
-    except OSError as err:
-        reason = "not_regular_file" if err.errno == errno.EISDIR else "open_failed"
-        raise ChainRefused(export, layer, str(path), reason, err.strerror or str(err)) from err
-    try:
+        _confirm(fd, path, resolved, export=export, layer=layer)
         info = os.fstat(fd)
         block_device = stat.S_ISBLK(info.st_mode)
         if not (stat.S_ISREG(info.st_mode) or (block_device and not regular_only)):
@@ -77,6 +89,80 @@ def open_pinned(
         os.close(fd)
         raise
     return OpenedFile(resolved, fd, size, block_device, read_only, (info.st_dev, info.st_ino))
+
+
+def _open_beneath(
+    path: Path, resolved: Path, base: Path, flags: int, *, export: str, layer: int
+) -> int:
+    """Open `resolved` by walking it from a held descriptor of `base`, following nothing."""
+    parts = resolved.relative_to(base).parts
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        current = os.open(base, dir_flags | os.O_NOFOLLOW)
+    except OSError as err:
+        raise _open_error(err, path, resolved, export=export, layer=layer) from err
+    try:
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            try:
+                opened = os.open(part, flags if last else dir_flags | os.O_NOFOLLOW, dir_fd=current)
+            except OSError as err:
+                raise _open_error(err, path, resolved, export=export, layer=layer) from err
+            os.close(current)
+            current = opened
+        if not parts:  # the allowed directory itself
+            raise ChainRefused(export, layer, str(path), "not_regular_file", "a directory")
+    except BaseException:
+        os.close(current)
+        raise
+    return current
+
+
+def _open_error(
+    err: OSError, path: Path, resolved: Path, *, export: str, layer: int
+) -> ChainRefused:
+    if err.errno in (errno.ELOOP, errno.ENOTDIR) and (
+        os.path.realpath(path) != str(resolved)
+        or (err.errno == errno.ELOOP and not os.path.islink(resolved))
+    ):  # realpath found no symlink there a moment ago
+        return _changed(path, resolved, export=export, layer=layer)
+    reason = "not_regular_file" if err.errno == errno.EISDIR else "open_failed"
+    return ChainRefused(export, layer, str(path), reason, err.strerror or str(err))
+
+
+def _changed(path: Path, resolved: Path, *, export: str, layer: int) -> ChainRefused:
+    detail = f"the path changed while it was being opened (it resolved to {resolved} before)"
+    return ChainRefused(export, layer, str(path), "changed_during_open", detail)
+
+
+def _confirm(fd: int, path: Path, resolved: Path, *, export: str, layer: int) -> None:
+    """The descriptor must still be the checked path: its /proc target and identity."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        named = os.stat(target, follow_symlinks=False)
+    except OSError:
+        raise _changed(path, resolved, export=export, layer=layer) from None
+    held = os.fstat(fd)
+    if target != str(resolved) or (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+        raise _changed(path, resolved, export=export, layer=layer)
+
+
+def check_allowed(
+    path: Path, allowed: Sequence[Path], *, export: str, layer: int
+) -> tuple[Path, Path]:
+    """The symlink-free path and the allowed directory it lies in, or ChainRefused."""
+    resolved = Path(os.path.realpath(path))
+    for directory in allowed:
+        if resolved.is_relative_to(directory):
+            return resolved, directory
+    names = ", ".join(str(directory) for directory in allowed)
+    raise ChainRefused(
+        export,
+        layer,
+        str(path),
+        "outside_allow_dirs",
+        f"resolves to {resolved}, outside the image's directory and allow_dirs ({names})",
+    )
 
 
 def _lock(fd: int, resolved: Path, *, read_only: bool, export: str, layer: int) -> None:
