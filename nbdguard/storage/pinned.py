@@ -64,7 +64,7 @@ def open_pinned(
     descriptor, and a path swapped during the open is refused as `changed_during_open`.
     """
     if allowed is None:
-        resolved = Path(os.path.realpath(path))
+        resolved = _realpath(path, export=export, layer=layer)
         base = resolved.parent
     else:
         resolved, base = check_allowed(path, allowed, export=export, layer=layer)
@@ -122,7 +122,7 @@ def _open_error(
     err: OSError, path: Path, resolved: Path, *, export: str, layer: int
 ) -> ChainRefused:
     if err.errno in (errno.ELOOP, errno.ENOTDIR) and (
-        os.path.realpath(path) != str(resolved)
+        _realpath(path, export=export, layer=layer) != resolved
         or (err.errno == errno.ELOOP and not os.path.islink(resolved))
     ):  # realpath found no symlink there a moment ago
         return _changed(path, resolved, export=export, layer=layer)
@@ -151,7 +151,7 @@ def check_allowed(
     path: Path, allowed: Sequence[Path], *, export: str, layer: int
 ) -> tuple[Path, Path]:
     """The symlink-free path and the allowed directory it lies in, or ChainRefused."""
-    resolved = Path(os.path.realpath(path))
+    resolved = _realpath(path, export=export, layer=layer)
     for directory in allowed:
         if resolved.is_relative_to(directory):
             return resolved, directory
@@ -163,6 +163,14 @@ def check_allowed(
         "outside_allow_dirs",
         f"resolves to {resolved}, outside the image's directory and allow_dirs ({names})",
     )
+
+
+def _realpath(path: Path, *, export: str, layer: int) -> Path:
+    """realpath, whose readlink can fail when a symlink is swapped under it."""
+    try:
+        return Path(os.path.realpath(path))
+    except OSError:
+        raise _changed(path, Path(path), export=export, layer=layer) from None
 
 
 def _lock(fd: int, resolved: Path, *, read_only: bool, export: str, layer: int) -> None:
