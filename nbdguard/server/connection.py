@@ -12,6 +12,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Sequence
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, cast
 
 from nbdguard.protocol.constants import Command
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 _ids = itertools.count(1)
 _DISC = int(Command.DISC)
 HANDSHAKE_BUFFER = 64 * 1024
+TURN_BUDGET = 0.005  # seconds one connection serves requests before the others get a turn
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -50,6 +52,7 @@ class Connection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._stopped_reading = False
         self._busy = False  # too many replies being worked on: stop reading requests
+        self._yielded = False  # turn budget spent with requests left: others go first
         self._backlog: deque[Request] = deque()
         self._closer: asyncio.Future[None] | None = None
         self.closed = asyncio.get_running_loop().create_future()
@@ -284,10 +287,15 @@ class Connection(asyncio.BufferedProtocol):
 
         Replies made meanwhile are gathered and written once, as one writev, instead of one
         send per reply: with many requests per receive that is most of the syscalls.
+
+        One receive can hold thousands of pipelined requests: past TURN_BUDGET of loop time
+        the rest waits in the backlog (reading paused) and continues on a later loop turn,
+        so every other connection is served in between.
         """
         dispatcher, writer = self.dispatcher, self._writer
         assert dispatcher is not None and writer is not None
         self._backlog.extend(requests)
+        deadline = perf_counter() + TURN_BUDGET
         writer.cork()
         try:
             while self._backlog and not self._busy:
@@ -297,8 +305,25 @@ class Connection(asyncio.BufferedProtocol):
                     self._disconnect()
                     return
                 dispatcher.handle(request)
+                if self._backlog and perf_counter() >= deadline:
+                    self._yield_turn()
+                    return
         finally:
             writer.uncork()
+
+    def _yield_turn(self) -> None:
+        self._yielded = True
+        self._set_reading()
+        self._loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        """Scheduled with call_soon: runs on the loop's next iteration, after the I/O
+        callbacks of every other connection that was ready meanwhile."""
+        self._yielded = False
+        if self._lost or self.dispatcher is None or self._writer is None:
+            return
+        self._serve_all([])
+        self._set_reading()
 
     def _disconnect(self) -> None:
         """NBD_CMD_DISC: stop reading, finish what is in flight, then close."""
@@ -351,7 +376,7 @@ class Connection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self._write_paused or self._stopped_reading or self._busy:
+        if self._write_paused or self._stopped_reading or self._busy or self._yielded:
             transport.pause_reading()
         else:
             transport.resume_reading()

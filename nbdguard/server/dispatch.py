@@ -8,6 +8,11 @@ A large WRITE may be written in parts while its payload arrives (`payload_arrive
 where the device accepts that: the client refills the socket while we write instead
 of both waiting in turn. A client that disconnects mid-payload may leave such a
 write partly applied, as NBD allows for any write it was never answered.
+
+No request holds the loop for long, whatever it asks: TRIM, WRITE_ZEROES and CACHE run
+in slices, and when a turn's budget is spent the rest continues in a task that yields
+between turns; BLOCK_STATUS stops at a count of extents or a time budget, whichever
+comes first (the protocol lets a reply describe less than was asked).
 """
 
 from __future__ import annotations
@@ -47,12 +52,18 @@ RANGE_READ_MIN = 64 * 1024  # from here up, data the device holds in a file goes
 PART_WRITE_MIN = 64 * 1024  # a payload's arrived bytes are written once this many are new
 READ_MAX_EXTENTS = 64
 STATUS_MAX_EXTENTS = 4096
+STATUS_STEP = 256  # extents asked of the device per call, so the time budget is checked
+STATUS_BUDGET = 0.002  # seconds of loop time one BLOCK_STATUS context may take
+SLICE_MIN = 2 << 20  # slices end on multiples of this: whole qcow2 clusters (≤ 2 MiB)
+SLICE_MAX = 1 << 30
+TURN_BUDGET = 0.004  # seconds of loop time a sliced request takes before it yields
 Data = Buffer | FileRange
 Send = Callable[[Sequence[Data]], None]
 
 
-# Commands whose device call may raise WouldBlock: their reply is a write's reply.
-_RETRIED_WRITES = frozenset({Command.WRITE, Command.WRITE_ZEROES, Command.TRIM})
+# Commands whose device call may raise WouldBlock to handle(): their reply is a write's
+# reply. (Sliced commands, TRIM and WRITE_ZEROES, wait for their blocked slice themselves.)
+_RETRIED_WRITES = frozenset({Command.WRITE})
 
 
 class Dispatcher:
@@ -86,6 +97,9 @@ class Dispatcher:
         self.on_busy = on_busy
         self.shutting_down = False
         self._partial: PartialWrite | None = None  # the WRITE being written as it arrives
+        # Sliced work runs one request at a time per connection: a client that pipelines many
+        # costly ranges gets one turn per loop iteration, not one per request.
+        self._slicing = asyncio.Lock()
 
     def handle(self, request: Request) -> None:
         """Serve one request; replies are sent inline, or later by a task (flushes)."""
@@ -272,20 +286,59 @@ class Dispatcher:
         return self._finish_write(request, started)
 
     def trim(self, request: Request, started: float) -> bool:
-        if request.length:
-            self.device.trim(request.offset, request.length)
-        return self._finish_write(request, started)
+        return self._sliced(request, started, self.device.trim, self._finish_write)
 
     def write_zeroes(self, request: Request, started: float) -> bool:
-        if request.length:
-            flags = request.flags
-            self.device.write_zeroes(
-                request.offset,
-                request.length,
-                may_trim=not flags & _NO_HOLE,
-                fast=bool(flags & _FAST_ZERO),
-            )
-        return self._finish_write(request, started)
+        device, flags = self.device, request.flags
+        may_trim, fast = not flags & _NO_HOLE, bool(flags & _FAST_ZERO)
+
+        def zero(offset: int, length: int) -> None:
+            device.write_zeroes(offset, length, may_trim=may_trim, fast=fast)
+
+        return self._sliced(request, started, zero, self._finish_write)
+
+    def _sliced(
+        self,
+        request: Request,
+        started: float,
+        operation: Callable[[int, int], None],
+        finish: Callable[[Request, float], bool],
+    ) -> bool:
+        """Run a range operation for one turn's budget; if that does not finish it, the rest
+        runs in a task that yields to the loop between turns (after this connection's other
+        sliced work, if any is still running). `finish` sends the reply."""
+        work = Slices(operation, request.offset, request.length)
+        blocked = None
+        if not self._slicing.locked():
+            blocked = work.run(TURN_BUDGET)
+            if work.done and blocked is None:
+                return finish(request, started)
+        self.spawn(self._continue_sliced(request, started, work, blocked, finish))
+        return True
+
+    async def _continue_sliced(
+        self,
+        request: Request,
+        started: float,
+        work: Slices,
+        blocked: Callable[[], None] | None,
+        finish: Callable[[Request, float], bool],
+    ) -> None:
+        try:
+            async with self._slicing:
+                while True:
+                    if blocked is not None:  # a slice that must wait (a lock) waits off the loop
+                        await asyncio.to_thread(blocked)
+                    if work.done:
+                        break
+                    await asyncio.sleep(0)
+                    blocked = work.run(TURN_BUDGET)
+            pending = finish(request, started)
+        except Exception as exc:
+            self.finished(request, self.fail(request, exc), started)
+            return
+        if not pending:
+            self.finished(request, _OK, started)
 
     def _finish_write(self, request: Request, started: float) -> bool:
         if request.flags & _FUA:
@@ -307,8 +360,9 @@ class Dispatcher:
         self.finished(request, NBDError.OK, started)
 
     def cache(self, request: Request, started: float) -> bool:
-        if request.length:
-            self.device.cache(request.offset, request.length)
+        return self._sliced(request, started, self.device.cache, self._reply_cached)
+
+    def _reply_cached(self, request: Request, started: float) -> bool:
         self.reply_ok(request)
         return False
 
@@ -322,7 +376,7 @@ class Dispatcher:
                 if context == BASE_ALLOCATION_ID
                 else self.device.allocation_depth
             )
-            extents = status(request.offset, request.length, limit)
+            extents = bounded_extents(status, request.offset, request.length, limit)
             chunks.append(
                 wire.block_status_chunk(request.cookie, context, extents, done=index == last)
             )
@@ -382,6 +436,72 @@ class PartialWrite:
         if self.written < request.length:
             rest = memoryview(request.payload)[self.written :]
             device.pwrite(rest, request.offset + self.written)
+
+
+StatusCall = Callable[[int, int, int], list[Extent]]  # (offset, length, max_extents)
+
+
+def bounded_extents(status: StatusCall, offset: int, length: int, limit: int) -> list[Extent]:
+    """Extents from the start of the range, at most `limit`, asked STATUS_STEP at a time
+    until the range is covered or STATUS_BUDGET is spent (a file of many small extents
+    must not hold the loop); adjacent extents of the same flags are merged."""
+    deadline = perf_counter() + STATUS_BUDGET
+    extents: list[Extent] = []
+    while True:
+        asked = offset
+        for reported, flags in status(offset, length, min(limit - len(extents), STATUS_STEP)):
+            covered = min(reported, length)
+            if extents and extents[-1][1] == flags:
+                extents[-1] = (extents[-1][0] + covered, flags)
+            else:
+                extents.append((covered, flags))
+            offset += covered
+            length -= covered
+            if not length:
+                return extents
+        if len(extents) >= limit or offset == asked or perf_counter() >= deadline:
+            return extents
+
+
+class Slices:
+    """A range operation done a slice at a time. Slices end on multiples of SLICE_MIN and
+    grow while they are quick, so a cheap operation (a raw TRIM) takes few calls and a
+    costly one (zeroing a qcow2 of small clusters) still yields often."""
+
+    __slots__ = ("end", "operation", "position", "size")
+
+    def __init__(self, operation: Callable[[int, int], None], offset: int, length: int) -> None:
+        self.operation = operation
+        self.position = offset
+        self.end = offset + length
+        self.size = SLICE_MIN
+
+    @property
+    def done(self) -> bool:
+        return self.position >= self.end
+
+    def run(self, budget: float) -> Callable[[], None] | None:
+        """Do slices for about `budget` seconds. A slice that would block is counted as done
+        and its retry returned: the caller must run it (off the loop) before going on."""
+        deadline = perf_counter() + budget
+        while not self.done:
+            start = self.position
+            stop = min(self.end, start // SLICE_MIN * SLICE_MIN + self.size)
+            before = perf_counter()
+            try:
+                self.operation(start, stop - start)
+            except WouldBlock as blocked:
+                self.position = stop
+                return blocked.retry
+            self.position = stop
+            now = perf_counter()
+            if now - before < budget / 8 and self.size < SLICE_MAX:
+                self.size *= 2
+            elif now - before > budget / 2 and self.size > SLICE_MIN:
+                self.size //= 2
+            if now >= deadline:
+                break
+        return None
 
 
 _HANDLERS: dict[int, Callable[[Dispatcher, Request, float], bool]] = {
