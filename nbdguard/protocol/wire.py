@@ -107,14 +107,16 @@ def none_chunk(cookie: int) -> bytes:
     return chunk_header(cookie, ChunkType.NONE, 0, True)
 
 
-def error_chunk(cookie: int, error: int, message: str, offset: int | None = None) -> bytes:
+def error_chunk(
+    cookie: int, error: int, message: str, offset: int | None = None, *, done: bool = True
+) -> bytes:
     text = message.encode()[:4096]
     body = ERROR_BODY.pack(error, len(text)) + text
     kind = ChunkType.ERROR
     if offset is not None:
         body += OFFSET.pack(offset)
         kind = ChunkType.ERROR_OFFSET
-    return chunk_header(cookie, kind, len(body), True) + body
+    return chunk_header(cookie, kind, len(body), done) + body
 
 
 def block_status_chunk(

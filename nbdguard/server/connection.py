@@ -53,6 +53,8 @@ class Connection(asyncio.BufferedProtocol):
         self._stopped_reading = False
         self._busy = False  # too many replies being worked on: stop reading requests
         self._yielded = False  # turn budget spent with requests left: others go first
+        self._over_budget = False  # replies hold too many bytes: serve more once they drain
+        self._budget = server.config.server.max_buffered_bytes_per_connection
         self._backlog: deque[Request] = deque()
         self._closer: asyncio.Future[None] | None = None
         self.closed = asyncio.get_running_loop().create_future()
@@ -139,9 +141,18 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._writer is not None:
-            self._writer.resume()  # may fill the transport (and pause us) again
+        writer = self._writer
+        if writer is not None:
+            writer.resume()  # may fill the transport (and pause us) again
+            self._check_budget()
         self._set_reading()
+
+    def _check_budget(self) -> None:
+        """Replies held past the byte budget have drained: serve the backlog again."""
+        writer = self._writer
+        if self._over_budget and writer is not None and writer.buffered() <= self._budget:
+            self._over_budget = False
+            self._loop.call_soon(self._next_turn)
 
     # -- handshake -------------------------------------------------------------------
 
@@ -305,11 +316,17 @@ class Connection(asyncio.BufferedProtocol):
                     self._disconnect()
                     return
                 dispatcher.handle(request)
+                if self._backlog and writer.buffered() > self._budget:
+                    self._over_budget = True  # resume_writing serves the rest
+                    self.server.metrics.limit_hit("max_buffered_bytes_per_connection")
+                    self._set_reading()
+                    return
                 if self._backlog and perf_counter() >= deadline:
                     self._yield_turn()
                     return
         finally:
             writer.uncork()
+            self._check_budget()  # what uncork sent may have fit at once
 
     def _yield_turn(self) -> None:
         self._yielded = True
@@ -376,7 +393,13 @@ class Connection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self._write_paused or self._stopped_reading or self._busy or self._yielded:
+        if (
+            self._write_paused
+            or self._stopped_reading
+            or self._busy
+            or self._yielded
+            or self._over_budget
+        ):
             transport.pause_reading()
         else:
             transport.resume_reading()

@@ -36,6 +36,7 @@ from nbdguard.protocol.constants import (
 from nbdguard.protocol.transmission import Request
 from nbdguard.protocol.validate import SessionLimits, validate
 from nbdguard.server.exports import Export
+from nbdguard.server.output import Deferred
 from nbdguard.storage.device import BlockDevice, Buffer, Extent, FileRange, WouldBlock
 
 ZERO = int(AllocationFlag.ZERO)  # OFFSET_HOLE means "reads as zeroes"
@@ -50,6 +51,7 @@ _OK = NBDError.OK
 SPARSE_READ_MIN = 64 * 1024  # smaller reads are sent as data: a hole probe costs more
 RANGE_READ_MIN = 64 * 1024  # from here up, data the device holds in a file goes by sendfile
 PART_WRITE_MIN = 64 * 1024  # a payload's arrived bytes are written once this many are new
+DEFERRED_PIECE = 1 << 20  # a deferred structured read is made this much at a time
 READ_MAX_EXTENTS = 64
 STATUS_MAX_EXTENTS = 4096
 STATUS_STEP = 256  # extents asked of the device per call, so the time budget is checked
@@ -57,7 +59,7 @@ STATUS_BUDGET = 0.002  # seconds of loop time one BLOCK_STATUS context may take
 SLICE_MIN = 2 << 20  # slices end on multiples of this: whole qcow2 clusters (≤ 2 MiB)
 SLICE_MAX = 1 << 30
 TURN_BUDGET = 0.004  # seconds of loop time a sliced request takes before it yields
-Data = Buffer | FileRange
+Data = Buffer | FileRange | Deferred
 Send = Callable[[Sequence[Data]], None]
 
 
@@ -185,9 +187,14 @@ class Dispatcher:
 
     def fail(self, request: Request, exc: BaseException) -> NBDError:
         """Answer a request whose handler raised; returns the error sent."""
+        error = self._failed(request, exc)
+        self.reply_error(request, error)
+        return error
+
+    def _failed(self, request: Request, exc: BaseException) -> NBDError:
+        """Report a request's failure; returns the error its reply must carry."""
         if isinstance(exc, HeaderWriteBlocked):
             self._audit_blocked(request, exc)
-            self.reply_error(request, NBDError.EPERM)
             return NBDError.EPERM
         error = nbd_error_for(exc)
         self.log.warning(
@@ -198,7 +205,6 @@ class Dispatcher:
             error=error.name,
             cause=repr(exc),
         )
-        self.reply_error(request, error)
         return error
 
     def _audit_blocked(self, request: Request, blocked: HeaderWriteBlocked) -> None:
@@ -227,24 +233,69 @@ class Dispatcher:
     def read(self, request: Request, started: float) -> bool:
         cookie, offset, length = request.cookie, request.offset, request.length
         if not self.structured:
-            self.send([wire.simple_reply(cookie, 0), self._data(offset, length)])
-        elif length >= SPARSE_READ_MIN and self.device.capabilities.sparse_reads:
+            return self._simple_read(request, started)
+        if length >= SPARSE_READ_MIN and self.device.capabilities.sparse_reads:
             self._read_sparse(request)
         elif length:
-            header = wire.data_chunk_header(cookie, offset, length, done=True)
-            self.send([header, self._data(offset, length)])
+            self.send(self._data_chunk(request, offset, length, done=True))
         else:
             self.send([wire.none_chunk(cookie)])
         return False
 
-    def _data(self, offset: int, length: int) -> Data:
-        """Read data for a reply: a file range when the device has one and the read is large
-        enough for sendfile to beat a copy, else the bytes."""
+    def _simple_read(self, request: Request, started: float) -> bool:
+        """A file range, or for a large read without one, the whole reply deferred until the
+        output can take it (an error found then still goes in the reply's header)."""
+        cookie, offset, length = request.cookie, request.offset, request.length
         if length >= RANGE_READ_MIN:
             piece = self.device.read_range(offset, length)
             if piece is not None:
-                return piece
-        return self.device.pread(offset, length)
+                self.send([wire.simple_reply(cookie, 0), piece])
+                return False
+            self.send([Deferred(lambda: self._produce_simple(request, started))])
+            return True
+        self.send([wire.simple_reply(cookie, 0), self.device.pread(offset, length)])
+        return False
+
+    def _produce_simple(self, request: Request, started: float) -> list[Data]:
+        try:
+            data = self.device.pread(request.offset, request.length)
+        except Exception as exc:
+            error = self._failed(request, exc)
+            self.finished(request, error, started)
+            return [wire.simple_reply(request.cookie, error)]
+        self.finished(request, _OK, started)
+        return [wire.simple_reply(request.cookie, 0), data]
+
+    def _data_chunk(self, request: Request, offset: int, length: int, *, done: bool) -> list[Data]:
+        """One structured data chunk; where its bytes must be read into memory, deferred
+        until the output can take it and made in pieces of at most DEFERRED_PIECE."""
+        cookie = request.cookie
+        if length >= RANGE_READ_MIN:
+            piece = self.device.read_range(offset, length)
+            if piece is not None:
+                return [wire.data_chunk_header(cookie, offset, length, done=done), piece]
+            return [Deferred(lambda: self._produce_chunk(request, offset, length, done))]
+        data = self.device.pread(offset, length)
+        return [wire.data_chunk_header(cookie, offset, length, done=done), data]
+
+    def _produce_chunk(self, request: Request, offset: int, length: int, done: bool) -> list[Data]:
+        """The next piece of a deferred data chunk, and a Deferred for the rest; a failure
+        is an error chunk for the rest (the reply's other chunks still follow)."""
+        cookie, part = request.cookie, min(length, DEFERRED_PIECE)
+        try:
+            data = self.device.pread(offset, part)
+        except Exception as exc:
+            error = self._failed(request, exc)
+            return [wire.error_chunk(cookie, error, error.name, offset=offset, done=done)]
+        last = part == length
+        pieces: list[Data] = [
+            wire.data_chunk_header(cookie, offset, part, done=done and last),
+            data,
+        ]
+        if not last:
+            rest = offset + part, length - part
+            pieces.append(Deferred(lambda: self._produce_chunk(request, *rest, done)))
+        return pieces
 
     def _read_sparse(self, request: Request) -> None:
         """Structured read that sends holes as OFFSET_HOLE chunks (one chunk when DF)."""
@@ -254,14 +305,12 @@ class Dispatcher:
             if extents[0][0] >= length and extents[0][1] & ZERO:
                 self.send([wire.hole_chunk(cookie, offset, length, done=True)])
             else:
-                header = wire.data_chunk_header(cookie, offset, length, done=True)
-                self.send([header, self._data(offset, length)])
+                self.send(self._data_chunk(request, offset, length, done=True))
             return
-        self.send(self._sparse_chunks(cookie, offset, length, extents))
+        self.send(self._sparse_chunks(request, extents))
 
-    def _sparse_chunks(
-        self, cookie: int, offset: int, length: int, extents: list[Extent]
-    ) -> list[Data]:
+    def _sparse_chunks(self, request: Request, extents: list[Extent]) -> list[Data]:
+        cookie, offset, length = request.cookie, request.offset, request.length
         end = offset + length
         pieces: list[Data] = []
         pos = offset
@@ -271,13 +320,11 @@ class Dispatcher:
             if flags & ZERO:
                 pieces.append(wire.hole_chunk(cookie, pos, stop - pos, done=last))
             else:
-                pieces.append(wire.data_chunk_header(cookie, pos, stop - pos, done=last))
-                pieces.append(self._data(pos, stop - pos))
+                pieces += self._data_chunk(request, pos, stop - pos, done=last)
             pos = stop
             if last:
                 return pieces
-        pieces.append(wire.data_chunk_header(cookie, pos, end - pos, done=True))
-        pieces.append(self._data(pos, end - pos))
+        pieces += self._data_chunk(request, pos, end - pos, done=True)
         return pieces
 
     def write(self, request: Request, started: float) -> bool:

@@ -8,6 +8,10 @@ transport holds nothing unsent, so the transport is set to report (pause_writing
 soon as it buffers a byte, and replies wait in our queue until it has drained
 (resume_writing). Under TLS, which needs the bytes, ranges are read with pread.
 A range's `recheck` runs right before its file is read, in the same call as the read.
+
+A reply whose bytes must be read into memory (qcow2, data below the sendfile threshold
+is not among them) can be queued `Deferred`: it is produced only when the output reaches
+it and the transport can take more, so replies a client does not read hold no data.
 """
 
 from __future__ import annotations
@@ -24,7 +28,19 @@ from typing import cast
 from nbdguard.storage.device import Buffer, FileRange
 from nbdguard.storage.fileops import read_exactly
 
-Piece = Buffer | FileRange
+
+class Deferred:
+    """Pieces made only when the output can take them; `produce` must not raise (a failure
+    becomes an error reply) and may return further Deferreds, to make a reply in parts."""
+
+    __slots__ = ("produce",)
+
+    def __init__(self, produce: Callable[[], list[Piece]]) -> None:
+        self.produce = produce
+
+
+Piece = Buffer | FileRange | Deferred
+_SPECIAL = (FileRange, Deferred)
 
 
 class ReplyWriter:
@@ -34,7 +50,8 @@ class ReplyWriter:
         self._transport = transport
         self._on_failure = on_failure  # a range could not be sent: the stream is broken
         self._queue: deque[Piece] = deque()
-        self._ranges = 0  # FileRanges in the queue
+        self._ranges = 0  # FileRanges and Deferreds in the queue
+        self._queued = 0  # bytes of the buffers in the queue
         self._corked = False
         self.blocked = False  # the transport holds unsent bytes
         self._socket = _socket_for_sendfile(transport)
@@ -43,11 +60,17 @@ class ReplyWriter:
 
     def send(self, pieces: Sequence[Piece]) -> None:
         for piece in pieces:
-            if type(piece) is FileRange:
+            if type(piece) in _SPECIAL:
                 self._ranges += 1
+            else:
+                self._queued += len(piece)  # type: ignore[arg-type]
             self._queue.append(piece)
         if not self._corked:
             self._flush()
+
+    def buffered(self) -> int:
+        """Reply bytes held in memory: queued here and unsent in the transport."""
+        return self._queued + self._transport.get_write_buffer_size()
 
     def cork(self) -> None:
         """Hold replies until uncork(): those of one receive leave in one writev."""
@@ -67,34 +90,51 @@ class ReplyWriter:
 
     def close(self) -> None:
         self._queue.clear()
+        self._queued = self._ranges = 0
         if self._socket is not None:
             self._socket.close()  # our duplicate of the descriptor, not the connection
 
     def _flush(self) -> None:
         queue = self._queue
         transport = self._transport
-        if self._socket is None and queue and not transport.is_closing():
-            self._write_materialized()
-            return
         while queue and not self.blocked and not transport.is_closing():
             if not self._ranges:
                 pieces = cast(list[Buffer], list(queue))  # no ranges among them
                 queue.clear()
+                self._queued = 0
                 transport.writelines(pieces)
                 return
             head: list[Buffer] = []
-            while type(queue[0]) is not FileRange:
+            while type(queue[0]) not in _SPECIAL:
                 head.append(queue.popleft())  # type: ignore[arg-type]
+            self._queued -= sum(map(len, head))
             piece = queue.popleft()
-            assert isinstance(piece, FileRange)
             self._ranges -= 1
             try:
-                self._send_direct(head, piece)
+                if type(piece) is Deferred:
+                    if head:
+                        transport.writelines(head)
+                    self._push_front(piece.produce())
+                elif self._socket is None:  # TLS: the transport needs the bytes
+                    assert isinstance(piece, FileRange)
+                    head.append(_read_range(piece))
+                    transport.writelines(head)
+                else:
+                    assert isinstance(piece, FileRange)
+                    self._send_direct(head, piece)
             except OSError as err:
                 queue.clear()
-                self._ranges = 0
+                self._ranges = self._queued = 0
                 self._on_failure(err)
                 return
+
+    def _push_front(self, pieces: list[Piece]) -> None:
+        for piece in reversed(pieces):
+            if type(piece) in _SPECIAL:
+                self._ranges += 1
+            else:
+                self._queued += len(piece)  # type: ignore[arg-type]
+            self._queue.appendleft(piece)
 
     def _send_direct(self, head: list[Buffer], piece: FileRange) -> None:
         """Buffers then a range, straight to the socket; what does not fit right now is
@@ -127,17 +167,6 @@ class ReplyWriter:
         if done < piece.length:
             rest = read_exactly(piece.fd, piece.offset + done, piece.length - done)
             self._transport.write(rest)
-
-    def _write_materialized(self) -> None:
-        """No sendfile (TLS): ranges are read here, and everything goes to the transport."""
-        pieces, self._ranges = list(self._queue), 0
-        self._queue.clear()
-        try:
-            out = [_read_range(p) if type(p) is FileRange else p for p in pieces]
-        except OSError as err:
-            self._on_failure(err)
-            return
-        self._transport.writelines(out)  # type: ignore[arg-type]
 
 
 def _changed(piece: FileRange) -> Buffer | None:

@@ -2,7 +2,10 @@
 request in one burst (libnbd sends them one at a time, as a polite client does), and only
 then reads the replies. Run as a process, so its work does not share the test's GIL:
 
-    python -m tests.interop.hostile_client SOCKET EXPORT COMMAND COUNT OFFSET LENGTH [FLAGS]
+    python -m tests.interop.hostile_client SOCKET EXPORT COMMAND COUNT OFFSET LENGTH \
+        [FLAGS [WAIT]]
+
+WAIT is how many seconds to sleep, requests sent, before reading a single reply.
 
 It prints one line: the number of replies, the number of error replies, and the fewest and
 most extents seen in a BLOCK_STATUS reply (0 0 for other commands).
@@ -13,6 +16,8 @@ from __future__ import annotations
 import socket
 import struct
 import sys
+import threading
+import time
 
 from nbdguard.protocol.constants import Option, OptionReply
 from tests.protocol.nbdwire import OPT_REPLY, info_payload, meta_payload, option, request
@@ -81,13 +86,21 @@ def read_replies(sock: socket.socket, count: int) -> tuple[int, int, int, int]:
 def main(argv: list[str]) -> None:
     path, export, command, count, offset, length = argv[:6]
     flags = int(argv[6]) if len(argv) > 6 else 0
+    wait = float(argv[7]) if len(argv) > 7 else 0.0
     sock = open_session(path, export)
     burst = b"".join(
         request(int(command), int(offset), int(length), flags=flags, cookie=i)
         for i in range(int(count))
     )
-    sock.sendall(burst)
+    # Sent from a thread: a server that stops reading a client over its budget would
+    # otherwise block this sendall while nothing here reads the replies.
+    sender = threading.Thread(target=sock.sendall, args=(burst,))
+    sender.start()
+    if wait:
+        print("sent", flush=True)
+        time.sleep(wait)
     print(*read_replies(sock, int(count)))
+    sender.join()
     sock.close()
 
 
