@@ -33,6 +33,7 @@ from nbdguard.storage.device import (
 from nbdguard.storage.qcow2.compressed import compressed_extent, host_clusters, inflate
 from nbdguard.storage.qcow2.header import AUTOCLEAR_OFFSET, MAX_HOST_OFFSET, Qcow2Header
 from nbdguard.storage.qcow2.hostfile import HostFile
+from nbdguard.storage.qcow2.metadata import Kind, MetadataMap, build_map
 from nbdguard.storage.qcow2.refcounts import (
     Refcounts,
     RefcountWrites,
@@ -99,7 +100,18 @@ class Qcow2Image(BlockDevice):
         self._lock = threading.RLock()
         self._flush_order = threading.Lock()
         writable = not host.file.read_only
-        self.refcounts = Refcounts(host, header) if writable else None
+        self.metadata: MetadataMap = build_map(
+            header,
+            host.read,
+            host.size,
+            self.l1,
+            load_table(
+                host,
+                header.refcount_table_offset,
+                header.refcount_table_clusters * self.cluster_size,
+            ),
+        )
+        self.refcounts = Refcounts(host, header, self.metadata) if writable else None
         self._reuse_epoch = 0  # counts flushes that freed clusters (see read_range)
         self.capabilities = Capabilities(
             read_only=not writable,
@@ -396,6 +408,7 @@ class Qcow2Image(BlockDevice):
             return old, self._table(old)
         table = array("Q", self._table(old)) if old else array("Q", bytes(self.cluster_size))
         new = self.refcounts.allocate(1)
+        self.metadata.add(new >> self.cluster_bits, Kind.L2)
         if old:
             self.refcounts.free_later(old, 1)
             self._l2.pop(old, None)

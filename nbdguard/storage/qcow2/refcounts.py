@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from nbdguard.storage.qcow2.header import MAX_HOST_OFFSET, MAX_REFCOUNT_TABLE_BYTES, Qcow2Header
 from nbdguard.storage.qcow2.hostfile import HostFile
+from nbdguard.storage.qcow2.metadata import Kind, MetadataMap
 
 TABLE_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
 _HEADER_TABLE_FIELDS = struct.Struct(">QI")  # refcount_table_offset, refcount_table_clusters
@@ -53,8 +54,11 @@ class RefcountWrites:
 
 
 class Refcounts:
-    def __init__(self, host: HostFile, header: Qcow2Header) -> None:
+    def __init__(
+        self, host: HostFile, header: Qcow2Header, metadata: MetadataMap | None = None
+    ) -> None:
         self.host = host
+        self.metadata = metadata or MetadataMap(header.cluster_bits)
         self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size
         self.bits = 1 << header.refcount_order
@@ -158,6 +162,7 @@ class Refcounts:
         self.blocks[index] = block
         self.table[index] = where << self.cluster_bits
         self.table_dirty = True
+        self.metadata.add(where, Kind.REFCOUNT_BLOCK)
         self.set(where, 1)
         return block
 
@@ -184,6 +189,7 @@ class Refcounts:
         self.table_clusters = clusters
         self.table_dirty = True
         for cluster in range(start, start + clusters):
+            self.metadata.add(cluster, Kind.REFCOUNT_TABLE)
             self.set(cluster, 1)
 
     def free_later(self, offset: int, clusters: int) -> None:
@@ -246,4 +252,5 @@ class Refcounts:
                     raise OSError(errno.EIO, f"refcount of cluster {cluster} would go below 0")
                 self.set(cluster, value - 1)
                 if value == 1:
+                    self.metadata.release(cluster)
                     self.free_hint = min(self.free_hint, cluster)
