@@ -193,3 +193,36 @@ def test_acknowledged_writes_survive_corruption(image: Path) -> None:
     qemu("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(out))
     assert out.read_bytes()[4 * MiB : 4 * MiB + 65536] == b"\xab" * 65536
     assert Qcow2File(image).u64(INCOMPATIBLE_AT) & CORRUPT_BIT
+
+
+@pytest.fixture
+def compressed(tmp_path: Path) -> Path:
+    raw = tmp_path / "a.raw"
+    qemu("qemu-img", "create", "-q", "-f", "raw", str(raw), "16M")
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 128k", "-c", "write -P 7 1M 64k", str(raw))
+    path = tmp_path / "c.qcow2"
+    qemu("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(path))
+    return path
+
+
+def test_compressed_descriptor_past_end_of_file(compressed: Path) -> None:
+    def patch(q: Qcow2File) -> None:
+        word = q.u64(q.l2_entry_at(0))
+        shift = 62 - (q.cluster_bits - 8)
+        far = (compressed.stat().st_size + (1 << 30)) & ((1 << shift) - 1)
+        q.set_u64(q.l2_entry_at(0), (word & ~((1 << shift) - 1)) | far)
+
+    attack = Attack(compressed, patch)
+    attack.expect_eio(lambda: attack.device.pread(0, 4096), "compressed_entry")
+    attack.finish()
+
+
+def test_compressed_descriptor_over_the_l1_table(compressed: Path) -> None:
+    def patch(q: Qcow2File) -> None:
+        word = q.u64(q.l2_entry_at(0))
+        shift = 62 - (q.cluster_bits - 8)
+        q.set_u64(q.l2_entry_at(0), (word & ~((1 << shift) - 1)) | q.l1_offset)
+
+    attack = Attack(compressed, patch)
+    attack.expect_eio(lambda: attack.device.pread(0, 4096), "compressed_entry")
+    attack.finish()
