@@ -133,6 +133,9 @@ class Qcow2Image(BlockDevice):
         self.zero_flag = header.version >= 3 and not self.extended
         self.l1 = load_table(host, header.l1_table_offset, header.l1_size * 8)
         self.l1_dirty = False
+        # L1 entries found valid (checked once: what they name stays an L2 table until the
+        # entry itself changes, and the engine's own entries are valid by construction)
+        self._l1_checked = bytearray(len(self.l1))
         self._l2: OrderedDict[int, array[int]] = OrderedDict()
         self._l2_dirty: set[int] = set()
         self._l2_limit = max(16, L2_CACHE_BYTES // self.cluster_size)
@@ -193,7 +196,11 @@ class Qcow2Image(BlockDevice):
         index = cluster >> self.l2_bits
         if index >= len(self.l1):
             return 0, 0
-        offset = self._l2_offset(index)
+        if self._l1_checked[index]:
+            offset = self.l1[index] & OFFSET_MASK
+        else:
+            offset = self._l2_offset(index)
+            self._l1_checked[index] = 1
         if not offset:
             return 0, 0
         table = self._table(offset)
@@ -529,6 +536,7 @@ class Qcow2Image(BlockDevice):
         self._l2[new] = table
         self._l2_dirty.add(new)
         self.l1[index] = new | COPIED
+        self._l1_checked[index] = 1
         self.l1_dirty = True
         return new, table
 
