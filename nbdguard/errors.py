@@ -60,3 +60,23 @@ def nbd_error_for(err: BaseException) -> NBDError:
     if isinstance(err, MemoryError):
         return NBDError.ENOMEM
     return NBDError.EIO
+
+
+class Qcow2Corrupt(OSError):
+    """A qcow2 image holds an impossible entry (QEMU's "corrupt"): the request fails with
+    EIO, and the image marks itself corrupt and turns read-only. `kind` is a stable label."""
+
+    def __init__(
+        self,
+        kind: str,
+        detail: str,
+        *,
+        guest_offset: int | None = None,
+        host_offset: int | None = None,
+    ) -> None:
+        super().__init__(errno.EIO, f"qcow2 image is corrupt ({kind}): {detail}")
+        self.kind = kind
+        self.detail = detail
+        self.guest_offset = guest_offset
+        self.host_offset = host_offset
+        self.reported = False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nbdguard.config import ExportConfig
-from nbdguard.errors import ChainRefused, ExportOpenError
+from nbdguard.errors import ChainRefused, ExportOpenError, Qcow2Corrupt
 from nbdguard.guard.sector0 import GuardPolicy, Sector0Guard
 from nbdguard.observability.reporter import ExportReporter
 from nbdguard.storage.chain import Chain, ChainLayer, resolve_chain
@@ -20,7 +20,7 @@ def build_device(config: ExportConfig, reporter: ExportReporter | None = None) -
     reporter = reporter or ExportReporter(config.name)
     chain = resolve_chain(config)
     try:
-        device = chain_device(chain)
+        device = chain_device(chain, reporter)
     except BaseException:
         chain.close()
         raise
@@ -29,21 +29,38 @@ def build_device(config: ExportConfig, reporter: ExportReporter | None = None) -
     return _guarded(config, device, chain.layers[0], reporter)
 
 
-def chain_device(chain: Chain) -> BlockDevice:
+def chain_device(chain: Chain, reporter: ExportReporter | None = None) -> BlockDevice:
     """Format drivers stacked bottom-up over the chain's open files."""
+    reporter = reporter or ExportReporter(chain.export)
     device: BlockDevice | None = None
     for layer in reversed(chain.layers):
-        device = RawImage(layer.file) if layer.format == "raw" else _qcow2(chain, layer, device)
+        if layer.format == "raw":
+            device = RawImage(layer.file)
+        else:
+            device = _qcow2(chain, layer, device, reporter)
     assert device is not None
     return device
 
 
-def _qcow2(chain: Chain, layer: ChainLayer, backing: BlockDevice | None) -> Qcow2Image:
+def _qcow2(
+    chain: Chain, layer: ChainLayer, backing: BlockDevice | None, reporter: ExportReporter
+) -> Qcow2Image:
     assert layer.header is not None
     host = HostFile(layer.file)
     data = HostFile(layer.data_file) if layer.data_file is not None else None
+
+    def on_corrupt(err: Qcow2Corrupt) -> None:
+        reporter.qcow2_corrupt(
+            kind=err.kind,
+            detail=err.detail,
+            guest_offset=err.guest_offset,
+            host_offset=err.host_offset,
+        )
+
     try:
-        return Qcow2Image(layer.header, host, data, backing, on_close=layer.close)
+        return Qcow2Image(
+            layer.header, host, data, backing, on_close=layer.close, on_corrupt=on_corrupt
+        )
     except OSError as err:
         host.close()
         if data is not None:

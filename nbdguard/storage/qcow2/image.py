@@ -15,12 +15,15 @@ only to capture what to write, not during its writes and syncs.
 from __future__ import annotations
 
 import errno
+import struct
 import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Concatenate, ParamSpec, TypeVar
 
+from nbdguard.errors import Qcow2Corrupt
 from nbdguard.storage.device import (
     DATA,
     HOLE_ZERO,
@@ -31,8 +34,15 @@ from nbdguard.storage.device import (
     FileRange,
 )
 from nbdguard.storage.qcow2.compressed import compressed_extent, host_clusters, inflate
-from nbdguard.storage.qcow2.header import AUTOCLEAR_OFFSET, MAX_HOST_OFFSET, Qcow2Header
+from nbdguard.storage.qcow2.header import (
+    AUTOCLEAR_OFFSET,
+    CORRUPT,
+    INCOMPATIBLE_OFFSET,
+    MAX_HOST_OFFSET,
+    Qcow2Header,
+)
 from nbdguard.storage.qcow2.hostfile import HostFile
+from nbdguard.storage.qcow2.metadata import L1_RESERVED, Kind, MetadataMap, build_map
 from nbdguard.storage.qcow2.refcounts import (
     Refcounts,
     RefcountWrites,
@@ -48,6 +58,34 @@ ZERO_FLAG = 1
 ALL_SUBCLUSTERS = 0xFFFF_FFFF
 ALL_ZERO_SUBCLUSTERS = ALL_SUBCLUSTERS << 32
 SUBCLUSTERS = 32
+L2_RESERVED = 0x3F00_0000_0000_01FE  # bits 1-8 and 56-61 of a standard L2 entry
+L2_KINDS = (Kind.L2, Kind.SNAPSHOT_L2)
+_U64 = struct.Struct(">Q")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _reports_corruption(
+    method: Callable[Concatenate[Qcow2Image, _P], _R],
+) -> Callable[Concatenate[Qcow2Image, _P], _R]:
+    """A public method: corruption found while serving it is signalled once, then raised."""
+
+    def wrapper(self: Qcow2Image, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except Qcow2Corrupt as err:
+            if not err.reported:
+                err.reported = True
+                with self._lock:
+                    self._signal(err)
+            raise
+
+    wrapper.__name__ = method.__name__
+    wrapper.__qualname__ = method.__qualname__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
 
 # What a run of guest bytes maps to
 KIND_DATA, KIND_ZERO, KIND_BACKING, KIND_COMPRESSED = range(4)
@@ -74,6 +112,7 @@ class Qcow2Image(BlockDevice):
         backing: BlockDevice | None,
         *,
         on_close: Callable[[], None] = lambda: None,
+        on_corrupt: Callable[[Qcow2Corrupt], None] = lambda err: None,
     ) -> None:
         self.header = header
         self.host = host
@@ -81,6 +120,8 @@ class Qcow2Image(BlockDevice):
         self.external_data = data is not None
         self.backing = backing
         self._on_close = on_close
+        self._on_corrupt = on_corrupt
+        self.corrupt: Qcow2Corrupt | None = None  # the first corruption found
         self.size = header.size
         self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size
@@ -92,6 +133,9 @@ class Qcow2Image(BlockDevice):
         self.zero_flag = header.version >= 3 and not self.extended
         self.l1 = load_table(host, header.l1_table_offset, header.l1_size * 8)
         self.l1_dirty = False
+        # L1 entries found valid (checked once: what they name stays an L2 table until the
+        # entry itself changes, and the engine's own entries are valid by construction)
+        self._l1_checked = bytearray(len(self.l1))
         self._l2: OrderedDict[int, array[int]] = OrderedDict()
         self._l2_dirty: set[int] = set()
         self._l2_limit = max(16, L2_CACHE_BYTES // self.cluster_size)
@@ -99,7 +143,18 @@ class Qcow2Image(BlockDevice):
         self._lock = threading.RLock()
         self._flush_order = threading.Lock()
         writable = not host.file.read_only
-        self.refcounts = Refcounts(host, header) if writable else None
+        self.metadata: MetadataMap = build_map(
+            header,
+            host.read,
+            host.size,
+            self.l1,
+            load_table(
+                host,
+                header.refcount_table_offset,
+                header.refcount_table_clusters * self.cluster_size,
+            ),
+        )
+        self.refcounts = Refcounts(host, header, self.metadata) if writable else None
         self._reuse_epoch = 0  # counts flushes that freed clusters (see read_range)
         self.capabilities = Capabilities(
             read_only=not writable,
@@ -141,18 +196,74 @@ class Qcow2Image(BlockDevice):
         index = cluster >> self.l2_bits
         if index >= len(self.l1):
             return 0, 0
-        offset = self.l1[index] & OFFSET_MASK
+        if self._l1_checked[index]:
+            offset = self.l1[index] & OFFSET_MASK
+        else:
+            offset = self._l2_offset(index)
+            self._l1_checked[index] = 1
         if not offset:
             return 0, 0
         table = self._table(offset)
         slot = (cluster & self.l2_mask) * self.words
         return table[slot], table[slot + 1] if self.extended else 0
 
+    def _l2_offset(self, index: int) -> int:
+        """The L2 table L1 entry `index` names (0: none), checked against the metadata map."""
+        entry = self.l1[index]
+        offset = entry & OFFSET_MASK
+        if not entry & L1_RESERVED and (
+            not offset
+            or (
+                not offset & (self.cluster_size - 1)
+                and self.metadata.kind_of(offset >> self.cluster_bits) in L2_KINDS
+            )
+        ):
+            return offset
+        raise Qcow2Corrupt(
+            "l1_entry",
+            f"L1 entry {index} ({entry:#x}) does not name an L2 table",
+            guest_offset=index << (self.l2_bits + self.cluster_bits),
+            host_offset=offset,
+        )
+
     def _host_of(self, word: int) -> int:
+        """The data cluster a standard L2 entry names: aligned, reserved bits clear, inside
+        the file (rounded up to a cluster) and never a metadata cluster."""
         host = word & OFFSET_MASK
-        if host & (self.cluster_size - 1):
-            raise OSError(errno.EIO, f"data cluster offset {host:#x} is not cluster-aligned")
+        if self.external_data:
+            if host & (self.cluster_size - 1) or word & L2_RESERVED:
+                raise Qcow2Corrupt("l2_entry", f"L2 entry {word:#x} is invalid", host_offset=host)
+            return host
+        if not host:
+            return 0
+        cluster = host >> self.cluster_bits
+        if (
+            host & (self.cluster_size - 1)
+            or word & L2_RESERVED
+            or self.metadata.is_metadata(cluster)
+            or cluster >= -(-self.host.size >> self.cluster_bits)
+        ):
+            kind = self.metadata.kind_of(cluster)
+            what = f"is {kind.label}" if kind is not None else "is unaligned or past the end"
+            raise Qcow2Corrupt(
+                "l2_entry", f"L2 entry {word:#x}: data cluster {what}", host_offset=host
+            )
         return host
+
+    def _check_compressed(self, descriptor: int) -> None:
+        """A compressed cluster's bytes lie inside the file and outside all metadata."""
+        extent = compressed_extent(descriptor, self.cluster_bits)
+        end = -(-self.host.size >> self.cluster_bits) << self.cluster_bits
+        bad = self.external_data or extent.offset + extent.length > end
+        for cluster in host_clusters(extent, self.cluster_bits):
+            bad = bad or self.metadata.is_metadata(cluster)
+        if bad:
+            raise Qcow2Corrupt(
+                "compressed_entry",
+                f"compressed cluster ({extent.length} bytes at {extent.offset:#x}) overlaps "
+                "metadata or lies past the end of the file",
+                host_offset=extent.offset,
+            )
 
     def _allocated(self, word: int) -> bool:
         """A standard descriptor with a host cluster (offset 0 is valid with a data file)."""
@@ -169,6 +280,7 @@ class Qcow2Image(BlockDevice):
             count = min(self.cluster_size - within, end - position)
             word, bitmap = self._entry(cluster)
             if word & COMPRESSED:
+                self._check_compressed(word & DESCRIPTOR_MASK)
                 _append(segments, (KIND_COMPRESSED, position, count, word & DESCRIPTOR_MASK))
             elif self.extended:
                 self._subcluster_segments(segments, position, count, word, bitmap)
@@ -203,6 +315,7 @@ class Qcow2Image(BlockDevice):
 
     # Reads
 
+    @_reports_corruption
     def pread(self, offset: int, length: int) -> Buffer:
         with self._lock:
             self._trim_cache()
@@ -220,6 +333,7 @@ class Qcow2Image(BlockDevice):
                 self._fill(target, kind, position, host)
             return out
 
+    @_reports_corruption
     def read_range(self, offset: int, length: int) -> FileRange | None:
         """The host file range when the bytes are one run of this layer's data clusters (or
         wholly the backing layer's range). A reply may wait before it is sent, and a cluster
@@ -274,8 +388,10 @@ class Qcow2Image(BlockDevice):
 
     # Writes
 
+    @_reports_corruption
     def pwrite(self, data: Buffer, offset: int) -> None:
         with self._lock:
+            self._refuse_if_corrupt()
             self._trim_cache()
             self._write(memoryview(data).cast("B"), offset)
 
@@ -354,6 +470,8 @@ class Qcow2Image(BlockDevice):
             last = stop - 1
             self._guest_cluster_into(buffer, (last - first) << self.cluster_bits, last)
         buffer[head:tail] = piece
+        for index in range(count):  # every old entry checked before anything changes
+            self._check_release(table[((first + index) & self.l2_mask) * self.words])
         host = self._allocate_data(first, count)
         self.data.write(buffer, host)
         for index in range(count):
@@ -375,9 +493,24 @@ class Qcow2Image(BlockDevice):
         assert self.refcounts is not None
         return self.refcounts.allocate(count)
 
+    def _check_release(self, word: int) -> None:
+        """What an entry names may be released: valid, and counted at least once."""
+        assert self.refcounts is not None
+        if word & COMPRESSED:
+            self._check_compressed(word & DESCRIPTOR_MASK)
+            return
+        host = self._host_of(word)
+        if host and not self.external_data and self.refcounts.get(host >> self.cluster_bits) == 0:
+            raise Qcow2Corrupt(
+                "refcount_zero",
+                f"data cluster {host:#x} is in use but its refcount is 0",
+                host_offset=host,
+            )
+
     def _release(self, word: int) -> None:
         """Drop this layer's reference to what an entry pointed at (applied after a flush)."""
         assert self.refcounts is not None
+        self._check_release(word)
         if word & COMPRESSED:
             extent = compressed_extent(word & DESCRIPTOR_MASK, self.cluster_bits)
             for cluster in host_clusters(extent, self.cluster_bits):
@@ -391,24 +524,48 @@ class Qcow2Image(BlockDevice):
         if index >= len(self.l1):
             raise OSError(errno.EIO, "write beyond the L1 table")
         entry = self.l1[index]
-        old = entry & OFFSET_MASK
+        old = self._l2_offset(index)
         if old and entry & COPIED:
             return old, self._table(old)
         table = array("Q", self._table(old)) if old else array("Q", bytes(self.cluster_size))
         new = self.refcounts.allocate(1)
+        self.metadata.add(new >> self.cluster_bits, Kind.L2)
         if old:
             self.refcounts.free_later(old, 1)
             self._l2.pop(old, None)
         self._l2[new] = table
         self._l2_dirty.add(new)
         self.l1[index] = new | COPIED
+        self._l1_checked[index] = 1
         self.l1_dirty = True
         return new, table
 
+    # Corruption
+
+    def _refuse_if_corrupt(self) -> None:
+        if self.corrupt is not None:
+            raise OSError(errno.EROFS, "the qcow2 image is marked corrupt: read-only")
+
+    def _signal(self, err: Qcow2Corrupt) -> None:
+        """QEMU's qcow2_signal_corruption: on the first impossible entry, set the header's
+        corrupt bit (v3, writable) and refuse writes from then on; report every one."""
+        if self.corrupt is None:
+            self.corrupt = err
+            if self.refcounts is not None and self.header.version >= 3:
+                try:
+                    (value,) = _U64.unpack(self.host.read(INCOMPATIBLE_OFFSET, 8))
+                    self.host.write(_U64.pack(value | CORRUPT), INCOMPATIBLE_OFFSET)
+                    self.host.sync()
+                except OSError:
+                    pass  # still read-only in memory; the report says what happened
+        self._on_corrupt(err)
+
     # Zeroing
 
+    @_reports_corruption
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
         with self._lock:
+            self._refuse_if_corrupt()
             self._trim_cache()
             if self.header.version < 3:
                 self._zero_v2(offset, length, may_trim=may_trim, fast=fast)
@@ -417,8 +574,10 @@ class Qcow2Image(BlockDevice):
             self._zero_edges(offset, length, first, stop, fast=fast)
             self._zero_clusters(first, stop, discard=may_trim)
 
+    @_reports_corruption
     def trim(self, offset: int, length: int) -> None:
         with self._lock:
+            self._refuse_if_corrupt()
             self._trim_cache()
             first, stop = self._whole_clusters(offset, length)
             if self.header.version >= 3:
@@ -458,9 +617,9 @@ class Qcow2Image(BlockDevice):
                 cluster = table_end  # unallocated without a backing file already reads zeros
                 continue
             table_offset, table = self._writable_table(index)
+            self._l2_dirty.add(table_offset)  # before entries change: a failure keeps them
             for each in range(cluster, table_end):
                 self._zero_entry(table, (each & self.l2_mask) * self.words, discard=discard)
-            self._l2_dirty.add(table_offset)
             cluster = table_end
 
     def _zero_entry(self, table: array[int], slot: int, *, discard: bool) -> None:
@@ -497,13 +656,14 @@ class Qcow2Image(BlockDevice):
             if not self.l1[index] & OFFSET_MASK:
                 continue
             table_offset, table = self._writable_table(index)
+            self._l2_dirty.add(table_offset)
             slot = (cluster & self.l2_mask) * self.words
             self._release(table[slot])
             table[slot] = 0
-            self._l2_dirty.add(table_offset)
 
     # Durability
 
+    @_reports_corruption
     def flush(self) -> None:
         """Make every completed write durable, in the order that keeps the image consistent
         after a crash: refcounts, then L2 tables, then L1, each synced before the next refers
@@ -603,6 +763,7 @@ class Qcow2Image(BlockDevice):
             past_end=past_end,
         )
 
+    @_reports_corruption
     def _status(
         self,
         offset: int,

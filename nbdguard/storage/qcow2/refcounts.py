@@ -15,8 +15,10 @@ import struct
 from array import array
 from dataclasses import dataclass
 
+from nbdguard.errors import Qcow2Corrupt
 from nbdguard.storage.qcow2.header import MAX_HOST_OFFSET, MAX_REFCOUNT_TABLE_BYTES, Qcow2Header
 from nbdguard.storage.qcow2.hostfile import HostFile
+from nbdguard.storage.qcow2.metadata import Kind, MetadataMap
 
 TABLE_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
 _HEADER_TABLE_FIELDS = struct.Struct(">QI")  # refcount_table_offset, refcount_table_clusters
@@ -53,8 +55,11 @@ class RefcountWrites:
 
 
 class Refcounts:
-    def __init__(self, host: HostFile, header: Qcow2Header) -> None:
+    def __init__(
+        self, host: HostFile, header: Qcow2Header, metadata: MetadataMap | None = None
+    ) -> None:
         self.host = host
+        self.metadata = metadata or MetadataMap(header.cluster_bits)
         self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size
         self.bits = 1 << header.refcount_order
@@ -82,8 +87,15 @@ class Refcounts:
             offset = self.table[index] & TABLE_OFFSET_MASK if index < len(self.table) else 0
             if offset == 0:
                 return None
-            if offset % self.cluster_size or offset > MAX_HOST_OFFSET:
-                raise OSError(errno.EIO, f"refcount block offset {offset:#x} is invalid")
+            if (
+                self.table[index] & ~TABLE_OFFSET_MASK
+                or self.metadata.kind_of(offset >> self.cluster_bits) is not Kind.REFCOUNT_BLOCK
+            ):
+                raise Qcow2Corrupt(
+                    "refcount_table_entry",
+                    f"refcount table entry {index} ({self.table[index]:#x}) is not a block",
+                    host_offset=offset,
+                )
             block = bytearray(self.host.read(offset, self.cluster_size))
             self.blocks[index] = block
         return block
@@ -135,6 +147,12 @@ class Refcounts:
         while True:
             run = 0
             while run < count and self.get(start + run) == 0:
+                if self.metadata.is_metadata(start + run):
+                    raise Qcow2Corrupt(
+                        "refcount_metadata_free",
+                        f"refcount of cluster {start + run} is 0 but it holds metadata",
+                        host_offset=(start + run) << self.cluster_bits,
+                    )
                 run += 1
             if run == count:
                 return start
@@ -158,6 +176,7 @@ class Refcounts:
         self.blocks[index] = block
         self.table[index] = where << self.cluster_bits
         self.table_dirty = True
+        self.metadata.add(where, Kind.REFCOUNT_BLOCK)
         self.set(where, 1)
         return block
 
@@ -184,6 +203,7 @@ class Refcounts:
         self.table_clusters = clusters
         self.table_dirty = True
         for cluster in range(start, start + clusters):
+            self.metadata.add(cluster, Kind.REFCOUNT_TABLE)
             self.set(cluster, 1)
 
     def free_later(self, offset: int, clusters: int) -> None:
@@ -238,12 +258,22 @@ class Refcounts:
     def apply_frees(self, frees: list[tuple[int, int]]) -> None:
         """Drop references whose removal is now durable (in memory: the next flush writes
         the blocks; a decrement lost in a crash is only a leak)."""
+        error: Qcow2Corrupt | None = None
         for offset, clusters in frees:
             first = offset >> self.cluster_bits
             for cluster in range(first, first + clusters):
                 value = self.get(cluster)
-                if value == 0:
-                    raise OSError(errno.EIO, f"refcount of cluster {cluster} would go below 0")
+                held = value == 1 and not self.metadata.release(cluster)
+                if value == 0 or cluster == 0 or held:
+                    # Skipped (a leak at worst); the others are still applied.
+                    error = error or Qcow2Corrupt(
+                        "refcount_free",
+                        f"cluster {cluster} (refcount {value}) cannot be freed",
+                        host_offset=cluster << self.cluster_bits,
+                    )
+                    continue
                 self.set(cluster, value - 1)
                 if value == 1:
                     self.free_hint = min(self.free_hint, cluster)
+        if error is not None:
+            raise error
