@@ -18,7 +18,8 @@ from nbdguard.observability.logging import get_logger
 from nbdguard.observability.metrics import Metrics
 from nbdguard.protocol.handshake import HandshakeLimits
 from nbdguard.server import listeners
-from nbdguard.server.connection import Connection
+from nbdguard.server.budget import MemoryBudget
+from nbdguard.server.connection import Connection, ConnectionSettings
 from nbdguard.server.exports import Export, ExportRegistry, open_export
 from nbdguard.server.tls import server_context
 
@@ -36,13 +37,15 @@ class Server:
             max_option_length=config.server.max_option_length,
         )
         self.tls_context = server_context(config.server.tls)
-        self.handshake_timeout = config.server.handshake_timeout
+        self.connection_settings = ConnectionSettings.from_config(config.server)
+        self.budget = MemoryBudget(
+            config.server.memory_budget, config.server.max_buffered_bytes_per_connection
+        )
         self.max_connections = config.server.max_connections
         self.connections: set[Connection] = set()
         self._listeners: list[asyncio.Server] = []
         self._stop = asyncio.Event()
         self.metrics = Metrics()
-        self.debug = config.server.log_level == "debug"
         self._endpoint: OperatorEndpoint | None = None
         self._stopping = False
 
@@ -196,7 +199,7 @@ class Server:
         return True, "ok"
 
     def _factory(self, listener: str) -> Any:
-        return lambda: Connection(self, listener)
+        return lambda: Connection(self, listener, self.connection_settings)
 
     async def serve(self) -> None:
         """Serve until SIGINT/SIGTERM, then shut down gracefully (a second signal forces
