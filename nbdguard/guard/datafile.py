@@ -44,11 +44,6 @@ from nbdguard.storage.pinned import OpenedFile
 from nbdguard.storage.qcow2.hostfile import HostFile
 
 
-def data_file_header(file: OpenedFile, policy: GuardPolicy) -> str | None:
-    """The format the data file's sector 0 already matches, as a prober reads it."""
-    return policy.detect(HostFile(file).read(0, SECTOR))
-
-
 class DataFileGuard(Sector0Guard):
     """The sector-zero guard of a qcow2 export whose top layer has an external data file."""
 
@@ -70,7 +65,7 @@ class DataFileGuard(Sector0Guard):
     def existing_header(self) -> str | None:
         """What the data file itself holds (not the guest's view, which may differ where the
         qcow2 metadata leaves cluster 0 unallocated or zero)."""
-        return data_file_header(self.data_file, self.policy)
+        return self.policy.detect(HostFile(self.data_file).read(0, SECTOR))
 
 
 class GuardedDataFile(HostFile):
