@@ -81,7 +81,10 @@ def _own_socket_file(path: Path, mode: int) -> SocketFile:
         info = os.fstat(fd)
         if not stat.S_ISSOCK(info.st_mode):
             raise NbdguardError(f"cannot listen on unix://{path}: replaced while binding")
-        os.chmod(f"/proc/self/fd/{fd}", mode)
+        try:
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        except FileNotFoundError:  # no /proc mounted: by name, a moment after the check
+            os.chmod(path, mode)
     finally:
         os.close(fd)
     return SocketFile(str(path), info.st_dev, info.st_ino)
