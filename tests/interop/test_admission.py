@@ -8,12 +8,21 @@ import socket
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from nbdguard.protocol.constants import Command, Option, OptionReply
-from tests.interop.conftest import ExportSpec, RunningServer, start_server
+from tests.interop.conftest import ExportSpec, RunningServer, require, start_server
 from tests.interop.hostile_client import recv_exactly
+from tests.interop.test_tls import (
+    CLIENT_EXT,
+    SERVER_EXT,
+    client_dir,
+    make_ca,
+    make_cert,
+    tls_uri,
+)
 from tests.protocol.nbdwire import OPT_REPLY, info_payload, option, request
 
 pytestmark = pytest.mark.interop
@@ -165,4 +174,46 @@ def test_full_server_evicts_idle_connections_never_busy_ones(tmp_path: Path) -> 
     assert len(events(server, "connection.evicted")) == 2
     for sock in (reader, writer, oldest, younger, newcomer, second):
         sock.close()
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require("openssl")
+    pki = tmp_path_factory.mktemp("pki")
+    make_ca(pki, "ca")
+    make_cert(pki, "server", "/CN=localhost", SERVER_EXT)
+    make_cert(pki, "web01", "/O=Example/CN=web01", CLIENT_EXT)
+    make_cert(pki, "db02", "/O=Example/CN=db02", CLIENT_EXT)
+    return pki
+
+
+def test_tls_clients_are_counted_by_certificate_subject(tmp_path: Path, pki: Path) -> None:
+    nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
+    tls = {
+        "mode": "require",
+        "cert": str(pki / "server-cert.pem"),
+        "key": str(pki / "server-key.pem"),
+        "ca": str(pki / "ca-cert.pem"),
+    }
+    server = start(tmp_path, max_connections_per_client=2, tls=tls)
+
+    def connect(name: str) -> Any:
+        handle = nbd.NBD()
+        handle.set_uri_allow_local_file(True)
+        handle.connect_uri(tls_uri(server, "vm1", client_dir(pki, name), "tcp"))
+        return handle
+
+    web = [connect("web01"), connect("web01")]  # all from 127.0.0.1
+    with pytest.raises(nbd.Error):
+        connect("web01")  # refused once its certificate shows who it is
+    db = [connect("db02"), connect("db02")]  # same address, another subject: served
+    assert db[1].pread(16, 0) == PATTERN[:16]
+    assert web[0].pread(16, 0) == PATTERN[:16]
+    (event,) = events(server, "connection.refused")
+    assert event["limit"] == "max_connections_per_client"
+    assert event["client_key"] == "cert O=Example,CN=web01"
+    assert server.sample("nbdguard_limit_hits_total", limit="max_connections_per_client") == 1
+    for handle in web + db:
+        handle.shutdown()
     assert server.stop() == 0
