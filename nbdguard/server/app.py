@@ -19,6 +19,7 @@ from nbdguard.observability.logging import get_logger
 from nbdguard.observability.metrics import Metrics
 from nbdguard.protocol.handshake import HandshakeLimits
 from nbdguard.server import listeners
+from nbdguard.server.admission import Admission
 from nbdguard.server.connection import Connection
 from nbdguard.server.exports import (
     CloseFailed,
@@ -46,6 +47,11 @@ class Server:
         self.handshake_timeout = config.server.handshake_timeout
         self.max_connections = config.server.max_connections
         self.connections: set[Connection] = set()
+        self.admission = Admission(
+            config.server.max_connections,
+            config.server.max_connections_per_client,
+            config.server.evict_idle_after,
+        )
         self._listeners: list[asyncio.Server] = []
         self._socket_files: list[listeners.SocketFile] = []  # ours to remove at close
         self._stop = asyncio.Event()
