@@ -18,12 +18,16 @@ HTTP peer on the loop whose latency we are protecting, for no gain in simplicity
   (`http.refused`, rate-limited).
 - The request head must arrive whole within `request_timeout` (a deadline, not an idle
   timer: a byte every second does not keep a slot) and within `max_head_bytes`; the reply
-  must be taken by the peer within `write_timeout`. One request per connection.
+  must be taken by the peer within `write_timeout`, and the kernel holds at most
+  `send_buffer` of it. One request per connection, so memory is bounded by the cap times
+  one exposition.
 - Expositions are serialised and shared: a scrape waits for the next exposition that
   starts after it arrived (so it never sees numbers older than itself), every scrape
-  waiting for the same format shares it, and after an exposition that took `t` seconds
-  the next starts no sooner than `t / exposition_duty` after the previous one started.
-  However many scrapers there are, expositions take at most that share of one thread.
+  waiting for the same format shares it, and the time spent in expositions is a token
+  bucket: `exposition_duty` seconds per second, up to `exposition_burst` saved. A few
+  scrapes in a row are served at once; however many scrapers there are, expositions take
+  at most that share of one thread over time (a storm's scrapes wait their turn, each
+  at most `max_exposition_pause`), so the NBD loop rarely waits for the GIL.
 - Peer errors (reset, timeout, malformed request) are `http.error` events with `peer` and
   `reason`, counted in `nbdguard_http_errors_total{reason}`, and rate-limited with the
   shared `LogRateLimiter` (its `log.suppressed` summaries say how many were dropped); no
@@ -70,7 +74,9 @@ class HttpLimits:
     request_timeout: float = 5.0
     write_timeout: float = 3.0
     max_head_bytes: int = 8192
+    send_buffer: int = 64 << 10  # SO_SNDBUF: a peer that does not read pins this much
     exposition_duty: float = 0.02
+    exposition_burst: float = 0.1
     max_exposition_pause: float = 1.0
     log_burst: int = 10
     log_interval: float = 10.0
@@ -143,18 +149,21 @@ class Expositions:
         executor: ThreadPoolExecutor,
         *,
         duty: float,
-        max_pause: float = 1.0,
+        burst: float,
+        max_pause: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
         self.executor = executor
         self.duty = duty
+        self.burst = burst
         self.max_pause = max_pause
         self.clock = clock
         self.generated = 0  # expositions produced (for tests)
         self._queued: dict[_ExpositionKey, asyncio.Future[Response]] = {}
         self._wakeup: asyncio.Event | None = None
-        self._not_before = 0.0
+        self._tokens = burst  # seconds of exposition time that may be spent now
+        self._stamp = clock()
 
     async def get(self, request: Request) -> Response:
         accept = request.headers.get("accept", "")
@@ -177,7 +186,7 @@ class Expositions:
             await wakeup.wait()
             wakeup.clear()
             while self._queued:
-                delay = self._not_before - self.clock()
+                delay = self._delay()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 key = next(iter(self._queued))
@@ -188,10 +197,22 @@ class Expositions:
                 except Exception as err:  # a collector failed: the scrape gets a 500
                     response = text_response(500, f"exposition failed: {type(err).__name__}\n")
                 self.generated += 1
-                pause = min((self.clock() - started) / self.duty, self.max_pause)
-                self._not_before = started + pause
+                self._tokens -= self.clock() - started
                 if not future.done():
                     future.set_result(response)
+
+    def _delay(self) -> float:
+        """Refill the bucket; how long to wait before the next exposition."""
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.duty)
+        self._stamp = now
+        if self._tokens >= 0:
+            return 0.0
+        wait = min(-self._tokens / self.duty, self.max_pause)
+        self._tokens += wait * self.duty  # the debt a capped wait leaves is forgiven
+        self._tokens = max(self._tokens, 0.0)
+        self._stamp = now + wait
+        return wait
 
     def _wake(self) -> asyncio.Event:
         if self._wakeup is None:
@@ -256,6 +277,7 @@ class OperatorEndpoint:
             metrics.registry,
             self._executor,
             duty=self.limits.exposition_duty,
+            burst=self.limits.exposition_burst,
             max_pause=self.limits.max_exposition_pause,
         )
         self._loop = asyncio.new_event_loop()
@@ -317,6 +339,10 @@ class OperatorEndpoint:
             self.metrics.http_refused.inc()
             self._event(REFUSED_EVENT, "warning", peer=peer, limit=self.limits.max_connections)
             return
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer)
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)

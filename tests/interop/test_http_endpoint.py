@@ -1,0 +1,342 @@
+"""The operator HTTP endpoint as an attacker sees it: half-open connections, resets during
+a reply, malformed requests and scrape storms must not reach the NBD side, nor stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from nbdguard.observability.http import HttpLimits, OperatorEndpoint, parse_head
+from nbdguard.observability.metrics import Metrics
+from tests.interop.conftest import ExportSpec, RunningServer, sample, start_server
+
+nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
+pytestmark = pytest.mark.interop
+
+PATTERN = bytes(range(256)) * 16  # 4 KiB at offset 0 of vm1
+CAP = HttpLimits().max_connections
+REQUEST_TIMEOUT = HttpLimits().request_timeout
+
+
+@pytest.fixture
+def observed(tmp_path: Path) -> Iterator[RunningServer]:
+    server = start_server(
+        tmp_path / "srv", [ExportSpec("vm1", size=8 << 20, fill=PATTERN)], metrics=True
+    )
+    yield server
+    assert server.stop() == 0, server.log()
+    assert "Traceback" not in server.log()
+
+
+def events(server: RunningServer, name: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    return [event for event in lines if event["event"] == name]
+
+
+def wait_for(condition: Any, timeout: float, what: str) -> None:
+    """Poll an external condition (a log line, a /proc count) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def scrape_when_admitted(server: RunningServer, timeout: float) -> str:
+    """/metrics once the endpoint admits connections again (refusals are resets)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status, text = server.scrape()
+            assert status == 200
+            return text
+        except (urllib.error.URLError, ConnectionError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def nbd_read(server: RunningServer, transport: str) -> bytes:
+    h = nbd.NBD()
+    try:
+        h.connect_uri(server.uri("vm1", transport))
+        data = bytes(h.pread(4096, 0))
+        h.shutdown()
+        return data
+    finally:
+        del h
+
+
+def test_half_open_http_connections_cannot_starve_nbd(observed: RunningServer) -> None:
+    pid = observed.process.pid
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (1024, hard))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    baseline = open_fds(pid)
+    started = time.monotonic()
+    attackers: list[socket.socket] = []
+    try:
+        for i in range(1000):
+            conn = socket.create_connection(("127.0.0.1", observed.metrics_port), timeout=10)
+            if i % 2:
+                conn.sendall(b"GET /metr")  # half a request line; the rest never comes
+            attackers.append(conn)
+        # The server closes what is beyond its cap at once: its descriptors stay bounded
+        # while the admitted ones are still waiting for their request.
+        bound = baseline + CAP + 8
+        wait_for(lambda: open_fds(pid) <= bound, REQUEST_TIMEOUT - 1, f"<= {bound} fds")
+        assert nbd_read(observed, "tcp") == PATTERN
+        assert nbd_read(observed, "unix") == PATTERN
+        text = scrape_when_admitted(observed, timeout=REQUEST_TIMEOUT + 10)
+        assert open_fds(pid) <= bound
+    finally:
+        for conn in attackers:
+            conn.close()
+    assert sample(text, "nbdguard_http_errors_total", reason="timeout") == CAP
+    refused = sample(text, "nbdguard_http_connections_refused_total")
+    assert refused is not None and refused >= 1000 - CAP
+    assert observed.stop() == 0
+    # Rate-limited (a burst, its refill, a fresh burst after each periodic summary), and
+    # nothing lost: lines let through plus the suppressed counts.
+    limits = HttpLimits()
+    periods = (time.monotonic() - started) / limits.log_interval
+    lines = events(observed, "http.refused")
+    assert 0 < len(lines) <= limits.log_burst * (2 + 2 * periods)
+    summaries = [
+        e for e in events(observed, "log.suppressed") if e["suppressed_event"] == "http.refused"
+    ]
+    assert len(lines) + sum(e["count"] for e in summaries) >= 1000 - CAP
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with an RST instead of a FIN."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def test_reset_during_a_reply_is_an_event_not_a_traceback(tmp_path: Path) -> None:
+    # 24 exports make an exposition far larger than what the kernel buffers hold
+    # for a peer that reads nothing, so the server is still writing when the RST comes.
+    exports = [ExportSpec(f"e{i}", size=1 << 20) for i in range(24)]
+    server = start_server(tmp_path / "srv", exports, metrics=True)
+    try:
+        _, text = server.scrape()
+        assert len(text) > 4 * HttpLimits().send_buffer  # the kernel doubles SO_SNDBUF
+        conn = socket.socket()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        conn.connect(("127.0.0.1", server.metrics_port))
+        conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: nbdguard\r\n\r\n")
+        assert conn.recv(1) == b"H"  # the reply has started
+        _reset(conn)
+        wait_for(
+            lambda: any(e["reason"] == "reset" for e in events(server, "http.error")),
+            10,
+            "an http.error event",
+        )
+        [event] = [e for e in events(server, "http.error") if e["reason"] == "reset"]
+        assert event["peer"].startswith("127.0.0.1:") and event["level"] == "info"
+        with socket.create_connection(("127.0.0.1", server.metrics_port)) as bad:
+            bad.sendall(b"\x16\x03\x01 not http\r\n\r\n")
+            assert bad.recv(64).startswith(b"HTTP/1.1 400 ")
+        for _ in range(20):  # errors replies cut short, requests cut short
+            with socket.create_connection(("127.0.0.1", server.metrics_port)) as conn:
+                conn.sendall(b"BOGUS\r\n\r\n")
+                _reset(conn)
+            with socket.create_connection(("127.0.0.1", server.metrics_port)) as conn:
+                conn.sendall(b"GET /metrics HTT")
+                _reset(conn)
+        text = scrape_when_admitted(server, timeout=10)
+        assert sample(text, "nbdguard_http_errors_total", reason="reset") is not None
+        assert (sample(text, "nbdguard_http_errors_total", reason="malformed") or 0) >= 1
+        assert server.scrape("/healthz") == (200, "ok\n")
+    finally:
+        code = server.stop()
+    log = server.log()
+    assert code == 0, log
+    assert "Traceback" not in log
+    assert all(line.startswith("{") for line in log.splitlines()), log
+
+
+STORM = """
+import sys, threading, urllib.request
+stop = threading.Event()
+count = [0] * 8
+def scrape(i):
+    while not stop.is_set():
+        try:
+            urllib.request.urlopen(sys.argv[1], timeout=10).read()
+            count[i] += 1
+        except OSError:
+            pass
+        if count[i] == 1 and all(count):
+            print("ready", flush=True)
+threads = [threading.Thread(target=scrape, args=(i,)) for i in range(8)]
+for t in threads:
+    t.start()
+sys.stdin.read()
+stop.set()
+for t in threads:
+    t.join()
+print(sum(count), flush=True)
+"""
+
+
+def read_latencies(h: Any, count: int) -> list[float]:
+    latencies = []
+    for i in range(count):
+        started = time.perf_counter()
+        h.pread(4096, (i % 2048) * 4096)
+        latencies.append(time.perf_counter() - started)
+    return sorted(latencies)
+
+
+def percentile(values: list[float], p: float) -> float:
+    return values[min(len(values) - 1, int(len(values) * p))]
+
+
+def test_scrape_storm_keeps_nbd_reads_fast(observed: RunningServer) -> None:
+    h = nbd.NBD()
+    h.connect_uri(observed.uri("vm1"))
+    read_latencies(h, 200)  # warm up
+    quiet = read_latencies(h, 3000)
+    url = f"http://127.0.0.1:{observed.metrics_port}/metrics"
+    storm = subprocess.Popen(
+        [sys.executable, "-c", STORM, url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert storm.stdout is not None and storm.stdin is not None
+        assert storm.stdout.readline() == "ready\n"
+        stormy = read_latencies(h, 3000)
+        storm.stdin.close()
+        scrapes = int(storm.stdout.readline())
+    finally:
+        storm.kill()
+        storm.wait()
+    h.shutdown()
+    print(
+        f"\nNBD 4 KiB read latency (ms): quiet p50 {percentile(quiet, 0.5) * 1e3:.3f} "
+        f"p99 {percentile(quiet, 0.99) * 1e3:.3f}; during the storm p50 "
+        f"{percentile(stormy, 0.5) * 1e3:.3f} p99 {percentile(stormy, 0.99) * 1e3:.3f} "
+        f"({scrapes} scrapes)"
+    )
+    assert scrapes >= 8
+    assert percentile(stormy, 0.99) < 0.050
+
+
+# -- the endpoint in-process: what the interop tests cannot see ------------------------
+
+
+class SlowCollector:
+    """An exposition that takes `delay` seconds (GIL released), counted."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.calls = 0
+
+    def collect(self) -> Iterable[Metric]:
+        self.calls += 1
+        time.sleep(self.delay)
+        family = GaugeMetricFamily("slow_value", "A value that takes time.")
+        family.add_metric([], self.calls)
+        yield family
+
+
+def get(port: int, path: str = "/metrics") -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_concurrent_scrapes_share_one_exposition() -> None:
+    metrics = Metrics()
+    slow = SlowCollector(0.3)
+    metrics.registry.register(slow)
+    slow.calls = 0
+    endpoint = OperatorEndpoint(
+        "127.0.0.1", 0, metrics, lambda: (True, "ok"), HttpLimits(exposition_duty=1.0)
+    )
+    try:
+        results: list[tuple[int, bytes]] = []
+        barrier = threading.Barrier(16)
+
+        def scrape() -> None:
+            barrier.wait()
+            results.append(get(endpoint.port))
+
+        threads = [threading.Thread(target=scrape) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [status for status, _ in results] == [200] * 16
+        assert b"slow_value" in results[0][1]
+        assert slow.calls <= 2  # one running when the first came, one for the rest
+        # A scrape after those never sees numbers older than itself.
+        _, body = get(endpoint.port)
+        assert f"slow_value {float(slow.calls)}".encode() in body
+        assert get(endpoint.port, "/healthz") == (200, b"ok\n")
+        assert get(endpoint.port, "/nothing")[0] == 404
+    finally:
+        endpoint.close()
+
+
+def test_expositions_are_paced_to_their_duty() -> None:
+    metrics = Metrics()
+    slow = SlowCollector(0.05)
+    metrics.registry.register(slow)
+    slow.calls = 0
+    limits = HttpLimits(exposition_duty=0.25, exposition_burst=0.05)
+    endpoint = OperatorEndpoint("127.0.0.1", 0, metrics, lambda: (True, "ok"), limits)
+    try:
+        started = time.monotonic()
+        for _ in range(6):
+            assert get(endpoint.port)[0] == 200
+        elapsed = time.monotonic() - started
+        # The sixth starts once 5 x 0.05 s spent, less 0.05 s saved, are earned at 25 %.
+        assert elapsed >= (5 * 0.05 - 0.05) / 0.25 * 0.9
+    finally:
+        endpoint.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"GET\r\n\r\n", b"GET / FTP/1.0\r\n\r\n", b"GET / HTTP/1.1\r\nno colon\r\n\r\n"],
+)
+def test_malformed_heads_are_refused(head: bytes) -> None:
+    from nbdguard.observability.http import MalformedRequest
+
+    with pytest.raises(MalformedRequest):
+        parse_head(head)
+
+
+def test_heads_are_parsed() -> None:
+    request = parse_head(b"GET /metrics?name[]=a HTTP/1.1\r\nAccept: text/plain\r\n\r\n")
+    assert (request.method, request.path) == ("GET", "/metrics")
+    assert request.query == {"name[]": ["a"]}
+    assert request.headers == {"accept": "text/plain"}
