@@ -151,6 +151,7 @@ class Expositions:
         duty: float,
         burst: float,
         max_pause: float,
+        on_error: Callable[[Exception], None] = lambda err: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
@@ -158,8 +159,8 @@ class Expositions:
         self.duty = duty
         self.burst = burst
         self.max_pause = max_pause
+        self.on_error = on_error
         self.clock = clock
-        self.generated = 0  # expositions produced (for tests)
         self._queued: dict[_ExpositionKey, asyncio.Future[Response]] = {}
         self._wakeup: asyncio.Event | None = None
         self._tokens = burst  # seconds of exposition time that may be spent now
@@ -195,8 +196,8 @@ class Expositions:
                 try:
                     response = await loop.run_in_executor(self.executor, self._render, key)
                 except Exception as err:  # a collector failed: the scrape gets a 500
+                    self.on_error(err)
                     response = text_response(500, f"exposition failed: {type(err).__name__}\n")
-                self.generated += 1
                 self._tokens -= self.clock() - started
                 if not future.done():
                     future.set_result(response)
@@ -279,6 +280,7 @@ class OperatorEndpoint:
             duty=self.limits.exposition_duty,
             burst=self.limits.exposition_burst,
             max_pause=self.limits.max_exposition_pause,
+            on_error=self._exposition_failed,
         )
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(self._on_loop_error)
@@ -335,9 +337,9 @@ class OperatorEndpoint:
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _peer(writer)
         if self.active >= self.limits.max_connections:
-            writer.transport.abort()
             self.metrics.http_refused.inc()
             self._event(REFUSED_EVENT, "warning", peer=peer, limit=self.limits.max_connections)
+            writer.transport.abort()
             return
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -420,6 +422,10 @@ class OperatorEndpoint:
         if reason != "closed":  # a TCP probe that connects and leaves is not an error line
             self._event(ERROR_EVENT, "info", peer=peer, reason=reason)
 
+    def _exposition_failed(self, err: Exception) -> None:
+        self.metrics.http_errors.labels(reason="exposition_failed").inc()
+        self._event(ERROR_EVENT, "error", reason="exposition_failed", error=repr(err))
+
     def _event(self, event: str, level: str, **fields: Any) -> None:
         try:
             self._limiter(None, level, {"event": event})
@@ -434,11 +440,12 @@ class OperatorEndpoint:
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """What asyncio would print with a traceback becomes one event."""
         error = context.get("exception")
-        self.metrics.http_errors.labels(reason="internal").inc()
+        reason = "accept_failed" if isinstance(error, OSError) else "internal"  # EMFILE, …
+        self.metrics.http_errors.labels(reason=reason).inc()
         self._event(
             ERROR_EVENT,
             "error",
-            reason="internal",
+            reason=reason,
             error=repr(error) if error is not None else str(context.get("message")),
         )
 
