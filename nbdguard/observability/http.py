@@ -76,7 +76,7 @@ class HttpLimits:
     max_head_bytes: int = 8192
     send_buffer: int = 64 << 10  # SO_SNDBUF: a peer that does not read pins this much
     exposition_duty: float = 0.02
-    exposition_burst: float = 0.1
+    exposition_burst: float = 0.05
     max_exposition_pause: float = 1.0
     log_burst: int = 10
     log_interval: float = 10.0
