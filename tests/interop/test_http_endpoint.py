@@ -235,21 +235,25 @@ def test_scrape_storm_keeps_nbd_reads_fast(observed: RunningServer) -> None:
     try:
         assert storm.stdout is not None and storm.stdin is not None
         assert storm.stdout.readline() == "ready\n"
-        stormy = read_latencies(h, 3000)
+        # Three windows: the first includes the storm's start (its exposition burst, the
+        # scrapers' own start-up on a shared machine), the others its steady state.
+        stormy = [read_latencies(h, 3000) for _ in range(3)]
         storm.stdin.close()
         scrapes = int(storm.stdout.readline())
     finally:
         storm.kill()
         storm.wait()
     h.shutdown()
+    windows = ", ".join(
+        f"p50 {percentile(w, 0.5) * 1e3:.3f} p99 {percentile(w, 0.99) * 1e3:.3f}" for w in stormy
+    )
     print(
         f"\nNBD 4 KiB read latency (ms): quiet p50 {percentile(quiet, 0.5) * 1e3:.3f} "
-        f"p99 {percentile(quiet, 0.99) * 1e3:.3f}; during the storm p50 "
-        f"{percentile(stormy, 0.5) * 1e3:.3f} p99 {percentile(stormy, 0.99) * 1e3:.3f} "
+        f"p99 {percentile(quiet, 0.99) * 1e3:.3f}; during the storm {windows} "
         f"({scrapes} scrapes)"
     )
     assert scrapes >= 8
-    assert percentile(stormy, 0.99) < 0.050
+    assert all(percentile(w, 0.99) < 0.050 for w in stormy)
 
 
 # -- the endpoint in-process: what the interop tests cannot see ------------------------
