@@ -284,7 +284,7 @@ class OperatorEndpoint:
         )
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(self._on_loop_error)
-        self._stop: asyncio.Event | None = None
+        self._stop = asyncio.Event()  # bound to the HTTP loop on first use, there
         self._tasks: set[asyncio.Task[None]] = set()
         self._thread = threading.Thread(target=self._run, name="nbdguard-http", daemon=True)
         self._thread.start()
@@ -293,7 +293,7 @@ class OperatorEndpoint:
         """Stop serving; bounded (a stuck thread is left to die with the process)."""
         if self._thread.is_alive():
             with contextlib.suppress(RuntimeError):  # the loop already stopped
-                self._loop.call_soon_threadsafe(self._request_stop)
+                self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(timeout=5)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._limiter.flush()
@@ -307,12 +307,7 @@ class OperatorEndpoint:
             self._sock.close()
             self._loop.close()
 
-    def _request_stop(self) -> None:
-        if self._stop is not None:
-            self._stop.set()
-
     async def _main(self) -> None:
-        self._stop = asyncio.Event()
         server = await asyncio.start_server(
             self._on_client, sock=self._sock, limit=self.limits.max_head_bytes
         )

@@ -4,6 +4,7 @@ a reply, malformed requests and scrape storms must not reach the NBD side, nor s
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import resource
@@ -425,3 +426,46 @@ def test_a_failing_collector_is_a_500_and_an_event() -> None:
         assert get(endpoint.port, "/healthz") == (200, b"ok\n")
     finally:
         endpoint.close()
+
+
+def test_close_right_after_start_is_prompt() -> None:
+    started = time.monotonic()
+    endpoint = OperatorEndpoint("127.0.0.1", 0, Metrics(), lambda: (True, "ok"))
+    endpoint.close()
+    assert time.monotonic() - started < 4  # close() gives up on the thread after 5 s
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", endpoint.port), timeout=2)
+
+
+def test_formats_compression_and_head_are_kept() -> None:
+    metrics, endpoint = endpoint_with()
+    base = f"http://127.0.0.1:{endpoint.port}/metrics"
+    try:
+        accept = {
+            "Accept": "application/openmetrics-text; version=1.0.0",
+            "Accept-Encoding": "gzip",
+        }
+        request = urllib.request.Request(base, headers=accept)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+            assert response.headers["Content-Encoding"] == "gzip"
+            text = gzip.decompress(response.read()).decode()
+        assert "nbdguard_build_info" in text and text.endswith("# EOF\n")
+        request = urllib.request.Request(base + "?name[]=nbdguard_build_info", method="HEAD")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert int(response.headers["Content-Length"]) > 0 and response.read() == b""
+        _, body = get(endpoint.port, "/metrics?name[]=nbdguard_build_info")
+        assert body.startswith(b"# HELP nbdguard_build_info")
+        assert b"nbdguard_connections" not in body
+    finally:
+        endpoint.close()
+    if socket.has_ipv6:
+        try:
+            six = OperatorEndpoint("::1", 0, metrics, lambda: (True, "ok"))
+        except OSError:
+            return  # no IPv6 loopback here
+        try:
+            with urllib.request.urlopen(f"http://[::1]:{six.port}/healthz", timeout=10) as r:
+                assert r.read() == b"ok\n"
+        finally:
+            six.close()
