@@ -189,7 +189,13 @@ class Server:
             self._endpoint = OperatorEndpoint(host, port, self.metrics, self.health)
         except OSError as err:
             raise NbdguardError(f"cannot serve metrics on {host}:{port}: {err.strerror}") from err
-        self.log.info("metrics.listening", address=f"{host}:{self._endpoint.port}")
+        limits = self._endpoint.limits
+        self.log.info(
+            "metrics.listening",
+            address=f"{host}:{self._endpoint.port}",
+            max_connections=limits.max_connections,
+            request_timeout=limits.request_timeout,
+        )
 
     def health(self) -> tuple[bool, str]:
         """Healthy when every configured export is open and every listener accepts.
