@@ -27,6 +27,7 @@ is already durable); the next flush syncs them before any L2/L1 entry is written
 from __future__ import annotations
 
 import errno
+import itertools
 import struct
 from array import array
 from collections import OrderedDict
@@ -132,16 +133,21 @@ class FreeRanges:
         self._insert(start, length)
 
     def take(self, count: int) -> int | None:
-        """The start of `count` clusters removed from one run, or None."""
-        for size_class in range((count - 1).bit_length(), 64):
-            runs = self._classes[size_class]
-            if runs:
-                start = next(iter(runs))
-                length = self._remove(start)
-                if length > count:
-                    self._insert(start + count, length - count)
-                return start
-        return None
+        """The start of `count` clusters removed from one run, or None. Runs of count's own
+        class may be too short: a few of them are tried, then any run of a larger class."""
+        own = count.bit_length() - 1
+        tried = itertools.islice(self._classes[own], 8)
+        start = next((s for s in tried if self._by_start[s] >= count), None)
+        if start is None:
+            larger = (c for c in self._classes[own + 1 :] if c)
+            runs = next(larger, None)
+            if runs is None:
+                return None
+            start = next(iter(runs))
+        length = self._remove(start)
+        if length > count:
+            self._insert(start + count, length - count)
+        return start
 
 
 @dataclass(slots=True)
@@ -197,6 +203,7 @@ class Refcounts:
         self.free = FreeRanges()
         self.scanned = 0  # refcount entries the scan examined (amortization, in tests)
         self.reclaimed = 0  # frontier clusters whose entries claimed them (overwritten)
+        self.written_back = 0  # blocks written before a flush because of the budget
 
     @property
     def dirty(self) -> bool:
@@ -258,6 +265,7 @@ class Refcounts:
         for index in list(self.dirty_blocks)[:chunk]:
             self.host.write(self.blocks[index], self.table[index] & TABLE_OFFSET_MASK)
             del self.dirty_blocks[index]
+            self.written_back += 1
             if index in self._in_flight:  # the flush may still write its older copy
                 self._rewritten.add(index)
             else:

@@ -1,0 +1,231 @@
+"""Allocation and the refcount-block cache of the qcow2 engine: bulk flags agree with entry
+by entry reads at every refcount width, freed clusters are found again without rescans,
+sequential allocation stays linear, and a small cache budget changes nothing on disk but
+how early blocks are written."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nbdguard.config import ExportConfig
+from nbdguard.storage.qcow2.image import Qcow2Image
+from nbdguard.storage.qcow2.refcounts import FreeRanges, Refcounts, used_flags
+from nbdguard.storage.stack import build_device
+
+needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img missing")
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+def naive_flags(block: bytes, bits: int) -> bytes:
+    """The reference: each entry read on its own (LSB-first below a byte, as the spec)."""
+    out = bytearray()
+    for slot in range(len(block) * 8 // bits):
+        if bits >= 8:
+            width = bits // 8
+            value = int.from_bytes(block[slot * width : (slot + 1) * width], "big")
+        else:
+            bit = slot * bits
+            value = (block[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1)
+        out.append(value != 0)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16, 32, 64])
+def test_used_flags_agree_with_entry_by_entry_reads(bits: int) -> None:
+    rng = random.Random(bits)
+    for density in (0.0, 0.02, 0.5, 0.98, 1.0):
+        # Sparse non-zero bytes: entries of every kind (zero, one byte set, several set).
+        block = bytes(rng.randrange(1, 256) if rng.random() < density else 0 for _ in range(512))
+        flags = used_flags(bytearray(block), bits)
+        assert [f != 0 for f in flags] == [f != 0 for f in naive_flags(block, bits)]
+
+
+def test_free_ranges_merge_split_and_fit() -> None:
+    free = FreeRanges()
+    free.add(10, 1)
+    free.add(12, 1)
+    free.add(11, 1)  # joins both neighbours
+    assert len(free) == 1 and free.clusters() == 3
+    free.add(20, 8)
+    assert free.take(5) == 20  # no run of 4..7: the run of 8 is split
+    assert free.take(3) == 10  # runs of 2..3 are tried first: the first one long enough
+    assert free.take(3) == 25  # what the take of 5 left
+    assert free.take(1) is None and len(free) == 0
+    free.add(40, 2)
+    free.add(50, 3)
+    assert free.take(3) == 50  # the run of 2 in the same class is passed over
+    assert free.take(2) == 40
+
+
+# Images
+
+
+def qemu(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+def check(path: Path) -> dict[str, Any]:
+    out = subprocess.run(
+        ["qemu-img", "check", "--output=json", "-f", "qcow2", str(path)], capture_output=True
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def make_image(tmp_path: Path, *, cluster: int, refcount_bits: int = 16) -> Path:
+    path = tmp_path / f"c{cluster}-r{refcount_bits}.qcow2"
+    options = f"cluster_size={cluster},refcount_bits={refcount_bits}"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", options, str(path), "64M")
+    return path
+
+
+def open_image(path: Path) -> Qcow2Image:
+    device = build_device(ExportConfig(name="t", path=path, format="qcow2"))
+    assert isinstance(device, Qcow2Image)
+    return device
+
+
+def guest_view(path: Path) -> bytes:
+    out = path.with_suffix(".raw")
+    qemu("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(path), str(out))
+    return out.read_bytes()
+
+
+def assert_clean(path: Path) -> None:
+    result = check(path)
+    assert result.get("corruptions", 0) == 0 and result.get("leaks", 0) == 0, result
+    assert result.get("check-errors", 0) == 0, result
+
+
+@needs_qemu
+@pytest.mark.parametrize("refcount_bits", [1, 4, 8, 16, 64])
+def test_holes_inside_the_file_are_reused(tmp_path: Path, refcount_bits: int) -> None:
+    """Clusters qemu freed inside the file are found by the scan, and runs this engine
+    frees are found again through the free index: the file does not grow."""
+    path = make_image(tmp_path, cluster=4096, refcount_bits=refcount_bits)
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "discard 256k 256k", str(path))
+    size = path.stat().st_size
+    device = open_image(path)
+    # A new L2 table and 63 data clusters: exactly the 64 clusters qemu freed.
+    device.pwrite(b"\x02" * (252 * KiB), 4 * MiB)
+    device.trim(0, 128 * KiB)
+    device.flush()  # the trim's frees take effect: they go to the free index
+    device.pwrite(b"\x03" * (124 * KiB), 8 * MiB)  # again a table and 31 clusters
+    assert device.refcounts is not None and device.refcounts.free.clusters() == 0
+    device.close()
+    assert path.stat().st_size == size
+    assert_clean(path)
+    view = guest_view(path)
+    assert view[128 * KiB : 256 * KiB] == b"\x01" * (128 * KiB)
+    assert view[4 * MiB : 4 * MiB + 252 * KiB] == b"\x02" * (252 * KiB)
+    assert view[8 * MiB : 8 * MiB + 124 * KiB] == b"\x03" * (124 * KiB)
+    assert view[: 128 * KiB] == bytes(128 * KiB)
+
+
+def chunk_times(refcounts: Refcounts, total: int, chunk: int) -> list[float]:
+    times = []
+    for _ in range(total // chunk):
+        start = time.process_time()
+        for _ in range(chunk):
+            refcounts.allocate(1)
+        times.append(time.process_time() - start)
+    return times
+
+
+@needs_qemu
+@pytest.mark.parametrize("cluster", [512, 65536])
+def test_sequential_allocation_is_linear(tmp_path: Path, cluster: int) -> None:
+    """10000 single-cluster allocations: the entries examined stay bounded by the file's
+    own clusters (the cursor never goes back), and the last thousand cost about what the
+    first did."""
+    path = make_image(tmp_path, cluster=cluster)
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", str(path))
+    device = open_image(path)
+    refcounts = device.refcounts
+    assert refcounts is not None
+    times = chunk_times(refcounts, 10000, 1000)
+    print(f"\ncluster {cluster}: ms per 1000 allocations", [round(t * 1000, 2) for t in times])
+    assert refcounts.scanned <= refcounts.file_clusters
+    first, last = statistics.median(times[:3]), statistics.median(times[-3:])
+    assert last <= 3 * first + 0.005
+    device.close()
+    result = check(path)
+    assert result.get("corruptions", 0) == 0  # the 10000 clusters are leaks, nothing worse
+
+
+@needs_qemu
+def test_a_small_cache_budget_writes_back_and_stays_consistent(tmp_path: Path) -> None:
+    """512-byte clusters: a refcount block counts 256 clusters, so 8 MiB of writes dirties
+    64 blocks and grows the table; with room for 4 blocks the cache never holds many more,
+    and the image is exactly what it would be with an unbounded cache."""
+    path = make_image(tmp_path, cluster=512)
+    device = open_image(path)
+    refcounts = Refcounts(device.host, device.header, device.metadata, cache_bytes=4 * 512)
+    device.refcounts = refcounts
+    model = bytearray(64 * MiB)
+    rng = random.Random(7)
+    most = 0
+    for step in range(64):
+        offset = step * 128 * KiB
+        data = bytes([rng.randrange(1, 256)]) * (128 * KiB)
+        device.pwrite(data, offset)
+        model[offset : offset + len(data)] = data
+        if step % 16 == 15:
+            device.trim(offset - 64 * KiB, 32 * KiB)  # frees spread over other blocks
+            model[offset - 64 * KiB : offset - 32 * KiB] = bytes(32 * KiB)
+            device.flush()
+        most = max(most, len(refcounts.blocks))
+    assert most <= 2 * refcounts.cache_limit + 2
+    assert refcounts.written_back >= 64
+    assert len(refcounts.table) > 64  # the table moved while blocks were written back
+    device.close()
+    assert_clean(path)
+    assert guest_view(path) == bytes(model)
+
+
+@needs_qemu
+def test_write_back_during_a_flush_is_not_overtaken(tmp_path: Path) -> None:
+    """A block written back while a flush holds an older copy of it is dirty again once
+    that flush ends, so its newest counts reach the disk after the old ones."""
+    path = make_image(tmp_path, cluster=512)
+    device = open_image(path)
+    refcounts = Refcounts(device.host, device.header, device.metadata, cache_bytes=4 * 512)
+    device.refcounts = refcounts
+    device.pwrite(b"\x01" * 512, 0)
+    writes = refcounts.take_increments()  # a flush captured block 0 ...
+    index = 0
+    assert index in writes.dirty_indexes
+    for step in range(1, 12):  # ... meanwhile block 0 changes, new blocks fill the cache,
+        device.pwrite(bytes([step]) * (128 * KiB), step * 128 * KiB)  # it is written back
+    assert index not in refcounts.dirty_blocks and index in refcounts._rewritten
+    refcounts.write(writes)  # the flush's older copy lands last
+    refcounts.apply_frees(writes.frees)
+    assert index in refcounts.dirty_blocks
+    device.close()
+    assert_clean(path)
+
+
+@needs_qemu
+def test_a_failed_flush_gives_its_blocks_back(tmp_path: Path) -> None:
+    path = make_image(tmp_path, cluster=4096)
+    device = open_image(path)
+    refcounts = device.refcounts
+    assert refcounts is not None
+    device.pwrite(b"\x01" * 4096, 0)
+    writes = refcounts.take_increments()
+    assert not refcounts.dirty_blocks
+    refcounts.give_back(writes)
+    assert set(refcounts.dirty_blocks) == writes.dirty_indexes
+    device.close()
+    assert_clean(path)
