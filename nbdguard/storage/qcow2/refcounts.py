@@ -43,7 +43,10 @@ _HEADER_TABLE_FIELDS = struct.Struct(">QI")  # refcount_table_offset, refcount_t
 _HEADER_AT = 48  # where those two fields are in the header
 
 REFCOUNT_CACHE_BYTES = 16 << 20  # cached refcount blocks per image, dirty or clean
-SCAN_ENTRIES = 1 << 20  # refcount entries one allocation may examine (about 1 ms)
+# Work one allocation's scan may do, in entries or bytes of refcount data, whichever is more:
+# flags cost at most ~5 ns per unit at every refcount width (1-bit: per entry; 64-bit: per
+# byte), so this is about 2.5 ms, and a full 64 KiB block of 16-bit counts is 65536 units.
+SCAN_BUDGET = 1 << 19
 SCAN_WINDOW = 1 << 16  # entries turned into flags at a time
 WRITE_BACK_BYTES = 1 << 20  # dirty blocks written back at a time once past the budget
 
@@ -371,16 +374,17 @@ class Refcounts:
         return flags[first - low * per_byte : stop - low * per_byte]
 
     def _scan(self, count: int) -> int | None:
-        """The first run of `count` free clusters from the cursor within the file, looking
-        at SCAN_ENTRIES entries at most; the cursor keeps what was found full."""
+        """The first run of `count` free clusters from the cursor within the file, within
+        SCAN_BUDGET; the cursor keeps what was found full."""
         needle = bytes(count)
         run_start, run = self.cursor, 0  # a run of free entries reaching the window's end
-        position, budget = self.cursor, SCAN_ENTRIES
+        position, budget = self.cursor, SCAN_BUDGET
+        unit = max(1, self.bits // 8)  # units per entry
         while position < self.file_clusters and budget > 0:
             index, slot = divmod(position, self.per_block)
             stop = min(self.per_block, slot + SCAN_WINDOW, slot + self.file_clusters - position)
             window = self._flags(index, slot, stop)
-            budget -= len(window)
+            budget -= len(window) * unit
             self.scanned += len(window)
             if run:
                 lead = len(window) - len(window.lstrip(b"\0"))
