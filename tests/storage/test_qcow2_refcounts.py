@@ -10,6 +10,7 @@ import random
 import shutil
 import statistics
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from nbdguard.config import ExportConfig
 from nbdguard.storage.qcow2.image import Qcow2Image
 from nbdguard.storage.qcow2.refcounts import FreeRanges, Refcounts, used_flags
 from nbdguard.storage.stack import build_device
+from tests.storage.test_qcow2_image import apply_workload, check_and_compare
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img missing")
 
@@ -229,3 +231,56 @@ def test_a_failed_flush_gives_its_blocks_back(tmp_path: Path) -> None:
     assert set(refcounts.dirty_blocks) == writes.dirty_indexes
     device.close()
     assert_clean(path)
+
+
+def tiny_cache(device: Qcow2Image) -> Refcounts:
+    """Room for 4 refcount blocks: every workload below writes blocks back early."""
+    refcounts = Refcounts(device.host, device.header, device.metadata, cache_bytes=0)
+    device.refcounts = refcounts
+    return refcounts
+
+
+@needs_qemu
+@pytest.mark.parametrize("refcount_bits", [1, 16, 64])
+def test_random_workload_with_a_tiny_cache(tmp_path: Path, refcount_bits: int) -> None:
+    path = tmp_path / "top.qcow2"
+    options = f"cluster_size=512,refcount_bits={refcount_bits}"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", options, str(path), "12M")
+    device = open_image(path)
+    refcounts = tiny_cache(device)
+    model = bytearray(12 * MiB)
+    try:
+        apply_workload(device, model, seed=refcount_bits, ops=300)
+    finally:
+        device.close()
+    assert refcounts.written_back > 0
+    check_and_compare(path, bytes(model))
+
+
+@needs_qemu
+def test_flushes_in_another_thread_with_a_tiny_cache(tmp_path: Path) -> None:
+    """Write-back races the flush thread's older copies: the image stays consistent."""
+    path = tmp_path / "top.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", str(path), "12M")
+    device = open_image(path)
+    refcounts = tiny_cache(device)
+    model = bytearray(12 * MiB)
+    stop = threading.Event()
+    flushes = 0
+
+    def flusher() -> None:
+        nonlocal flushes
+        while not stop.is_set():
+            device.flush()
+            flushes += 1
+
+    thread = threading.Thread(target=flusher)
+    thread.start()
+    try:
+        apply_workload(device, model, seed=5, ops=400)
+    finally:
+        stop.set()
+        thread.join()
+        device.close()
+    assert flushes > 5 and refcounts.written_back > 0
+    check_and_compare(path, bytes(model))
