@@ -138,6 +138,8 @@ class FreeRanges:
     def take(self, count: int) -> int | None:
         """The start of `count` clusters removed from one run, or None. Runs of count's own
         class may be too short: a few of them are tried, then any run of a larger class."""
+        if not self._by_start:
+            return None
         own = count.bit_length() - 1
         tried = itertools.islice(self._classes[own], 8)
         start = next((s for s in tried if self._by_start[s] >= count), None)
@@ -376,6 +378,8 @@ class Refcounts:
     def _scan(self, count: int) -> int | None:
         """The first run of `count` free clusters from the cursor within the file, within
         SCAN_BUDGET; the cursor keeps what was found full."""
+        if self.cursor >= self.file_clusters:
+            return None
         needle = bytes(count)
         run_start, run = self.cursor, 0  # a run of free entries reaching the window's end
         position, budget = self.cursor, SCAN_BUDGET
