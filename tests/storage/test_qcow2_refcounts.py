@@ -13,12 +13,15 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from nbdguard.config import ExportConfig
+from nbdguard.storage.qcow2 import refcounts as refcounts_module
 from nbdguard.storage.qcow2.image import Qcow2Image
+from nbdguard.storage.qcow2.metadata import Kind, MetadataMap
 from nbdguard.storage.qcow2.refcounts import FreeRanges, Refcounts, used_flags
 from nbdguard.storage.stack import build_device
 from tests.storage.test_qcow2_image import apply_workload, check_and_compare
@@ -284,3 +287,103 @@ def test_flushes_in_another_thread_with_a_tiny_cache(tmp_path: Path) -> None:
         device.close()
     assert flushes > 5 and refcounts.written_back > 0
     check_and_compare(path, bytes(model))
+
+
+class MemoryHost:
+    """Just what Refcounts uses of a HostFile, over bytes in memory."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = bytearray(data)
+        self.size = len(data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.data[offset : offset + length]).ljust(length, b"\0")
+
+    def write(self, data: bytes, offset: int) -> None:
+        end = offset + len(data)
+        self.data[len(self.data) : end] = bytes(max(0, end - len(self.data)))
+        self.data[offset:end] = data
+        self.size = max(self.size, end)
+
+    def sync(self) -> None:
+        pass
+
+
+def memory_refcounts(bits: int, values: list[int], blocks: int) -> tuple[Refcounts, list[int]]:
+    """512-byte clusters: header, table (cluster 1), `blocks` blocks (2..), the file as long
+    as `values` (one refcount per cluster; the metadata clusters get 1). Entries past the
+    end of the file are 0, so that taking them changes nothing but the frontier."""
+    per_block = 512 * 8 // bits
+    assert 2 + blocks < len(values) <= blocks * per_block and blocks <= 64
+    values = [1] * (2 + blocks) + values[2 + blocks :]
+    image = bytearray(len(values) * 512)
+    metadata = MetadataMap(9)
+    for index in range(blocks):
+        where = (2 + index) * 512
+        image[512 + 8 * index : 520 + 8 * index] = where.to_bytes(8, "big")
+        metadata.add(2 + index, Kind.REFCOUNT_BLOCK)
+        for slot in range(per_block):
+            cluster = index * per_block + slot
+            value = values[cluster] if cluster < len(values) else 0
+            if bits >= 8:
+                width = bits // 8
+                at = where + slot * width
+                image[at : at + width] = value.to_bytes(width, "big")
+            else:
+                at = where + slot * bits // 8
+                image[at] |= value << (slot * bits % 8)
+    header = SimpleNamespace(
+        cluster_bits=9,
+        cluster_size=512,
+        refcount_order=bits.bit_length() - 1,
+        refcount_table_offset=512,
+        refcount_table_clusters=1,
+    )
+    host = MemoryHost(bytes(image))
+    return Refcounts(host, header, metadata), values  # type: ignore[arg-type]
+
+
+def naive_take(values: list[int], cursor: int, count: int) -> tuple[int | None, int]:
+    """First fit from the cursor inside the file; (start or None, the cursor after)."""
+    run = 0
+    for cluster in range(cursor, len(values)):
+        run = run + 1 if values[cluster] == 0 else 0
+        if run == count:
+            return cluster - count + 1, cluster + 1
+    return None, len(values) - run
+
+
+@pytest.mark.parametrize("bits", [1, 4, 16, 64])
+def test_scan_is_first_fit_from_the_cursor(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against a first fit entry by entry, with windows of 7 entries: runs carried across
+    windows and blocks, trailing runs kept for the next call, the frontier when none fits."""
+    monkeypatch.setattr(refcounts_module, "SCAN_WINDOW", 7)
+    rng = random.Random(bits)
+    per_block = 512 * 8 // bits
+    length = min(4 * per_block, 3000) - rng.randrange(per_block // 2)
+    blocks = min(64, -(-(length + 600) // per_block))  # the frontier's clusters too
+    values: list[int] = []
+    while len(values) < length:  # stretches of mostly used and of mostly free clusters
+        free = rng.choice([0.3, 0.95])
+        for _ in range(rng.randrange(1, 60)):
+            values.append(0 if rng.random() < free else rng.randrange(1, 1 << min(bits, 8)))
+    values = values[:length]
+    refcounts, values = memory_refcounts(bits, values, blocks)
+    cursor, frontier = 1, len(values)
+    past_end = 0
+    while past_end < 20:  # until the scan is long done
+        count = rng.choice([1, 1, 2, 3, 5, 9, 16, 23])
+        expected, cursor_after = naive_take(values, cursor, count)
+        got = refcounts.allocate(count) >> 9
+        if expected is None:
+            assert got == frontier
+            frontier += count
+            past_end += 1
+        else:
+            assert got == expected
+            for cluster in range(got, got + count):
+                values[cluster] = 1
+        cursor = cursor_after
+        assert refcounts.cursor == cursor
+    assert [refcounts.get(c) != 0 for c in range(len(values))] == [v != 0 for v in values]
+    assert refcounts.reclaimed == 0
