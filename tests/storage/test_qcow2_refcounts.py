@@ -5,6 +5,7 @@ how early blocks are written."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from nbdguard.config import ExportConfig
+from nbdguard.errors import Qcow2Corrupt
 from nbdguard.storage.qcow2 import refcounts as refcounts_module
 from nbdguard.storage.qcow2.image import Qcow2Image
 from nbdguard.storage.qcow2.metadata import Kind, MetadataMap
@@ -387,3 +389,45 @@ def test_scan_is_first_fit_from_the_cursor(bits: int, monkeypatch: pytest.Monkey
         assert refcounts.cursor == cursor
     assert [refcounts.get(c) != 0 for c in range(len(values))] == [v != 0 for v in values]
     assert refcounts.reclaimed == 0
+
+
+@pytest.mark.parametrize("bits", [1, 16, 64])
+def test_frees_in_bulk_match_frees_one_by_one(bits: int) -> None:
+    """Runs of refcount-1 clusters, shared clusters, clusters freed twice, a freed L2 table
+    and a snapshot table (never freed) amid the runs: the counts, the free index and the
+    error are what decrementing one cluster at a time gives."""
+    rng = random.Random(bits)
+    per_block = 512 * 8 // bits
+    length = min(3 * per_block, 3000)
+    blocks = -(-length // per_block)
+    top = min(3, (1 << bits) - 1)
+    values = [min(rng.choice([1, 1, 1, 1, 2, 3]), top) for _ in range(length)]
+    refcounts, values = memory_refcounts(bits, values, blocks)
+    l2, snapshot = length // 3, length // 2
+    refcounts.metadata.add(l2, Kind.L2)
+    refcounts.metadata.add(snapshot, Kind.SNAPSHOT_TABLE)
+    values[l2] = values[snapshot] = 1
+    refcounts.set(l2, 1)
+    refcounts.set(snapshot, 1)
+    refcounts.cursor = length // 4  # frees below it go to the index, above it do not
+    frees = [(c << 9, 1) for c in range(5, length) if rng.random() < 0.7]
+    frees += [(c << 9, 1) for c in rng.sample(range(5, length), 40)]  # some twice
+    frees.append((10 << 9, 30))
+    rng.shuffle(frees)
+    expected_error = False
+    expected_free = set()
+    for offset, count in sorted(frees):
+        for cluster in range(offset >> 9, (offset >> 9) + count):
+            if values[cluster] == 0 or cluster == snapshot:
+                expected_error = True
+                continue
+            values[cluster] -= 1
+            if values[cluster] == 0 and not refcounts.cursor <= cluster < length:
+                expected_free.add(cluster)
+    with pytest.raises(Qcow2Corrupt) if expected_error else contextlib.nullcontext():
+        refcounts.apply_frees(frees)
+    assert [refcounts.get(c) for c in range(length)] == values
+    assert refcounts.free.clusters() == len(expected_free)
+    taken = {refcounts.free.take(1) for _ in expected_free}
+    assert taken == expected_free
+    assert not refcounts.metadata.is_metadata(l2) and refcounts.metadata.is_metadata(snapshot)

@@ -530,24 +530,94 @@ class Refcounts:
     def apply_frees(self, frees: list[tuple[int, int]]) -> None:
         """The flush that captured `frees` succeeded: drop references whose removal is now
         durable (in memory: the next flush writes the blocks; a decrement lost in a crash is
-        only a leak)."""
+        only a leak). Runs of clusters counted once and holding no metadata (the common case:
+        a trim) are freed a block's share at a time; the rest one by one."""
         self._end_flight(written=True)
         error: Qcow2Corrupt | None = None
-        for offset, clusters in frees:
-            first = offset >> self.cluster_bits
-            for cluster in range(first, first + clusters):
-                value = self.get(cluster)
-                held = value == 1 and not self.metadata.release(cluster)
-                if value == 0 or cluster == 0 or held:
-                    # Skipped (a leak at worst); the others are still applied.
-                    error = error or Qcow2Corrupt(
-                        "refcount_free",
-                        f"cluster {cluster} (refcount {value}) cannot be freed",
-                        host_offset=cluster << self.cluster_bits,
-                    )
-                    continue
-                self.set(cluster, value - 1)
-                if value == 1 and not self.cursor <= cluster < self.file_clusters:
-                    self.free.add(cluster, 1)  # the scan will not come back for it
+        runs, repeated = _cluster_runs(frees, self.cluster_bits)
+        for first, count in runs:
+            error = self._free_run(first, count) or error
+        for cluster in repeated:
+            error = self._free_one(cluster) or error
         if error is not None:
             raise error
+
+    def _free_run(self, first: int, count: int) -> Qcow2Corrupt | None:
+        error: Qcow2Corrupt | None = None
+        cluster, end = first, first + count
+        while cluster < end:
+            index, slot = divmod(cluster, self.per_block)
+            stop = min(end - cluster, self.per_block - slot) + slot
+            if not self._free_in_block(index, slot, stop):
+                for each in range(cluster, cluster + stop - slot):
+                    error = self._free_one(each) or error
+            cluster += stop - slot
+        return error
+
+    def _free_in_block(self, index: int, slot: int, stop: int) -> bool:
+        """Entries [slot, stop) of a block all 1 and no metadata: zero them at once. False
+        (nothing done) when that is not the case."""
+        if self.bits < 8:
+            return False
+        block = self._block(index)
+        first = index * self.per_block + slot
+        if block is None or first == 0:
+            return False
+        width = self.bits // 8
+        ones = (1).to_bytes(width, "big") * (stop - slot)
+        if block[slot * width : stop * width] != ones:
+            return False
+        if any(map(self.metadata.is_metadata, range(first, first + stop - slot))):
+            return False
+        block[slot * width : stop * width] = bytes(len(ones))
+        self._mark_dirty(index)
+        self._index_free(first, stop - slot)
+        return True
+
+    def _free_one(self, cluster: int) -> Qcow2Corrupt | None:
+        value = self.get(cluster)
+        held = value == 1 and not self.metadata.release(cluster)
+        if value == 0 or cluster == 0 or held:
+            # Skipped (a leak at worst); the others are still applied.
+            return Qcow2Corrupt(
+                "refcount_free",
+                f"cluster {cluster} (refcount {value}) cannot be freed",
+                host_offset=cluster << self.cluster_bits,
+            )
+        self.set(cluster, value - 1)
+        if value == 1:
+            self._index_free(cluster, 1)
+        return None
+
+    def _index_free(self, first: int, count: int) -> None:
+        """Newly free clusters go to the free index, except those the scan will still see."""
+        end = first + count
+        if first < self.cursor:
+            self.free.add(first, min(end, self.cursor) - first)
+        if end > self.file_clusters:
+            low = max(first, self.file_clusters)
+            self.free.add(low, end - low)
+
+
+def _cluster_runs(
+    frees: list[tuple[int, int]], cluster_bits: int
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """Frees as sorted runs of distinct clusters, and the clusters freed more than once
+    (their further decrements, done one by one)."""
+    clusters = sorted(
+        cluster
+        for offset, count in frees
+        for cluster in range(offset >> cluster_bits, (offset >> cluster_bits) + count)
+    )
+    runs: list[tuple[int, int]] = []
+    repeated: list[int] = []
+    previous = -2
+    for cluster in clusters:
+        if cluster == previous:
+            repeated.append(cluster)
+        elif cluster == previous + 1:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((cluster, 1))
+        previous = cluster
+    return runs, repeated
