@@ -13,7 +13,6 @@ from typing import Any
 
 from nbdguard.config import Config, ConfigError, ExportConfig, load_config
 from nbdguard.errors import ChainRefused, ExportOpenError, NbdguardError
-from nbdguard.guard.sector0 import Sector0Guard
 from nbdguard.observability.http import OperatorEndpoint
 from nbdguard.observability.logging import get_logger
 from nbdguard.observability.metrics import Metrics
@@ -134,7 +133,6 @@ class Server:
             read_only=export_config.read_only,
             header_guard=export_config.header_guard,
         )
-        self._report_existing_header(export)
         self.log.info(
             "export.opened",
             export=export.name,
@@ -167,21 +165,6 @@ class Server:
             reason=err.reason,
             message=str(err),
         )
-
-    def _report_existing_header(self, export: Export) -> None:
-        if not isinstance(export.device, Sector0Guard):
-            return
-        detected = export.device.existing_header()
-        if detected is not None:
-            export.metrics.existing_header(detected)
-            self.log.warning(
-                "export.existing_header",
-                export=export.name,
-                path=str(export.config.path),
-                format=detected,
-                message="sector 0 already matches an image-format header; probing tools "
-                "would misread this raw image",
-            )
 
     def _start_metrics(self) -> None:
         endpoint = self.config.server.metrics_listen

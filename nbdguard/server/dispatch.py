@@ -22,7 +22,6 @@ from time import perf_counter
 from typing import Any
 
 from nbdguard.errors import nbd_error_for
-from nbdguard.guard.sector0 import HeaderWriteBlocked
 from nbdguard.observability.metrics import command_label
 from nbdguard.protocol import wire
 from nbdguard.protocol.constants import (
@@ -205,11 +204,11 @@ class Dispatcher:
         return error
 
     def _failed(self, request: Request, exc: BaseException) -> NBDError:
-        """Report a request's failure; returns the error its reply must carry."""
-        if isinstance(exc, HeaderWriteBlocked):
-            self._audit_blocked(request, exc)
-            return NBDError.EPERM
+        """Report a request's failure; returns the error its reply must carry. A layer
+        that reported the failure itself (the guard's refusals) marks it `reported`."""
         error = nbd_error_for(exc)
+        if getattr(exc, "reported", False):
+            return error
         self.log.warning(
             "request.failed",
             command=command_label(request.command),
@@ -219,18 +218,6 @@ class Dispatcher:
             cause=repr(exc),
         )
         return error
-
-    def _audit_blocked(self, request: Request, blocked: HeaderWriteBlocked) -> None:
-        command = command_label(request.command)
-        self.metrics.blocked(blocked.format, command)
-        self.log.warning(
-            "guard.header_write_blocked",
-            command=command,
-            offset=request.offset,
-            length=request.length,
-            format=blocked.format,
-            sector_head=blocked.sector_head.hex(),
-        )
 
     def reply_error(self, request: Request, error: NBDError) -> None:
         if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):
