@@ -49,10 +49,12 @@ class MemoryBudget:
 
     def close(self, holder: Holder) -> float:
         """Forget a connection; returns the seconds it was throttled and not yet reported."""
-        self.update(holder, 0)
+        seconds = self.unthrottled(holder)
         if self._gathering is holder:
             self._gathering = None
-        return self.unthrottled(holder)
+            self._wake(everyone=True)
+        self.update(holder, 0)
+        return seconds
 
     def update(self, holder: Holder, held: int) -> None:
         """Record what `holder` holds now; wake throttled holders if room was made."""
@@ -66,16 +68,16 @@ class MemoryBudget:
         elif held == 0:
             self._holding -= 1
         if held < before and self._throttled:
-            self._wake()
+            self._wake(everyone=self.used <= self.total)
 
     def over(self, holder: Holder, *, gathering: bool = False) -> bool:
-        """Whether `holder` must stop reading (then it is throttled until `resume` is
-        called). `gathering`: it is in the middle of a write that must be whole (see the
-        module docstring)."""
-        held = holder.held
-        if held <= self.per_connection and (self.used <= self.total or held <= self.fair_share()):
-            if self._gathering is holder and not gathering:
-                self._gathering = None
+        """Whether `holder` must stop reading; if so it is throttled until its `resume` is
+        called, and must then ask again. `gathering`: it is in the middle of a write that
+        must be whole (see the module docstring)."""
+        if self._gathering is holder and not gathering:
+            self._gathering = None  # the exemption is free: another gathering write may go
+            self._wake(everyone=True)
+        if self._within(holder.held):
             return False
         if gathering and self._gathering in (None, holder):
             self._gathering = holder
@@ -97,10 +99,13 @@ class MemoryBudget:
     def fair_share(self) -> int:
         return self.total // max(self._holding, 1)
 
-    def _wake(self) -> None:
+    def _within(self, held: int) -> bool:
+        return held <= self.per_connection and (
+            self.used <= self.total or held <= self.fair_share()
+        )
+
+    def _wake(self, *, everyone: bool) -> None:
+        """Let throttled holders ask again: all of them, or those now within bounds."""
         for holder in list(self._throttled):
-            held = holder.held
-            if held <= self.per_connection and (
-                self.used <= self.total or held <= self.fair_share()
-            ):
+            if everyone or self._within(holder.held):
                 holder.resume()
