@@ -225,6 +225,11 @@ class Connection(asyncio.BufferedProtocol):
                 self.export.metrics.throttled(self._budget.unthrottled(self._account))
             self._loop.call_soon(self._next_turn)
 
+    def _released(self) -> None:
+        """The dispatcher let go of bytes outside a receive (a write done off the loop)."""
+        if self.phase is not Phase.CLOSED:
+            self._check_budget()
+
     def _budget_freed(self) -> None:
         """The server's budget has room again (another connection drained)."""
         if self._over_budget:
@@ -304,6 +309,7 @@ class Connection(asyncio.BufferedProtocol):
             debug=self.settings.debug,
             max_in_flight=self.settings.max_requests_in_flight,
             on_busy=self._set_busy,
+            on_released=self._released,
         )
         export.metrics.connection_opened()
         self._writer = ReplyWriter(self.transport, self._output_failed)

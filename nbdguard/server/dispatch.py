@@ -54,6 +54,7 @@ READ_MAX_EXTENTS = 64
 STATUS_MAX_EXTENTS = 4096
 STATUS_STEP = 256  # extents asked of the device per call, so the time budget is checked
 STATUS_BUDGET = 0.002  # seconds of loop time one BLOCK_STATUS context may take
+OFF_LOOP_WRITE = 1 << 20  # a write this long, gathered whole, is written off the loop
 SLICE_MIN = 2 << 20  # slices end on multiples of this: whole qcow2 clusters (≤ 2 MiB)
 SLICE_MAX = 1 << 30
 TURN_BUDGET = 0.004  # seconds of loop time a sliced request takes before it yields
@@ -77,6 +78,7 @@ class Dispatcher:
         debug: bool = False,
         max_in_flight: int = 256,
         on_busy: Callable[[bool], None] = lambda busy: None,
+        on_released: Callable[[], None] = lambda: None,
     ) -> None:
         self.export = export
         self.device = export.device
@@ -92,6 +94,8 @@ class Dispatcher:
         self.tasks: set[asyncio.Task[None]] = set()  # replies still being worked on
         self.max_in_flight = max_in_flight
         self.on_busy = on_busy
+        self.on_released = on_released  # held bytes were let go outside a receive
+        self._writing = 0  # bytes of gathered writes being written off the loop
         self.shutting_down = False
         self._incoming: IncomingWrite | None = None  # the WRITE whose payload is arriving
         # Sliced work runs one request at a time per connection: a client that pipelines many
@@ -110,7 +114,7 @@ class Dispatcher:
     def held(self) -> int:
         """Payload bytes this connection has copied and not yet written."""
         incoming = self._incoming
-        return incoming.held if incoming is not None else 0
+        return self._writing + (incoming.held if incoming is not None else 0)
 
     @property
     def gathering(self) -> bool:
@@ -156,6 +160,10 @@ class Dispatcher:
             return
         try:
             rest = incoming.rest(piece.data)
+            if len(rest) >= OFF_LOOP_WRITE:  # a gathered write: one pwrite of many MiB
+                self._writing += len(rest)
+                self.spawn(self._write_off_loop(request, started, rest, piece))
+                return
             if rest:
                 self.device.pwrite(rest, request.offset + incoming.written)
             pending = self._finish_write(request, started)
@@ -167,6 +175,32 @@ class Dispatcher:
             self.finished(request, self.fail(request, exc), started)
             return
         piece.release()
+        if not pending:
+            self.finished(request, _OK, started)
+
+    async def _write_off_loop(
+        self, request: Request, started: float, data: Buffer, piece: Data
+    ) -> None:
+        """Write a gathered payload in a worker thread (waiting there for the sector-0 lock
+        if another holds it), so that the loop serves everyone else meanwhile."""
+        device, offset = self.device, request.offset
+
+        def write() -> None:
+            try:
+                device.pwrite(data, offset)
+            except WouldBlock as blocked:
+                blocked.retry()
+
+        try:
+            await asyncio.to_thread(write)
+            pending = self._finish_write(request, started)
+        except Exception as exc:
+            self.finished(request, self.fail(request, exc), started)
+            return
+        finally:
+            piece.release()
+            self._writing -= len(data)
+            self.on_released()
         if not pending:
             self.finished(request, _OK, started)
 

@@ -15,17 +15,30 @@ write it was never answered.
 
 from __future__ import annotations
 
+import mmap
+
 from nbdguard.protocol.constants import NBDError
 from nbdguard.protocol.transmission import Request
 from nbdguard.storage.device import BlockDevice, Buffer
 
 PART_WRITE_MIN = 64 * 1024  # arrived bytes are written once this many are new
+MAPPED_GATHER = 1 << 20  # a write gathered whole from this long is gathered into a mapping
 
 
 class IncomingWrite:
     """One WRITE from its header to its last piece."""
 
-    __slots__ = ("_carry", "error", "failure", "request", "started", "unit", "written")
+    __slots__ = (
+        "_carry",
+        "_gathered",
+        "_mapping",
+        "error",
+        "failure",
+        "request",
+        "started",
+        "unit",
+        "written",
+    )
 
     def __init__(self, request: Request, started: float, error: NBDError, unit: int) -> None:
         self.request = request
@@ -35,17 +48,19 @@ class IncomingWrite:
         self.written = 0  # payload bytes already on the device
         self._carry = bytearray()  # the bytes after `written` received and not yet written
         self.failure: Exception | None = None
+        self._mapping: mmap.mmap | None = None  # where a long write is gathered whole
+        self._gathered = 0
 
     @property
     def held(self) -> int:
-        return len(self._carry)
+        return len(self._carry) + self._gathered
 
     def add(self, device: BlockDevice, data: memoryview) -> None:
         """Take a piece that is not the last: write what may be written, keep the rest."""
         if self.error or self.failure is not None:
             return
         if not self.unit:
-            self._carry += data
+            self._gather(data)
             return
         base = self.request.offset + self.written
         carried = len(self._carry)
@@ -78,10 +93,29 @@ class IncomingWrite:
         `request.offset + written` (raises the failure of an earlier part)."""
         if self.failure is not None:
             raise self.failure
+        if self._mapping is not None:
+            self._gather(data)
+            return memoryview(self._mapping)[: self._gathered]
         if not self._carry:
             return data
         self._carry += data
         return self._carry
+
+    def _gather(self, data: memoryview) -> None:
+        """Keep a piece of a write that must be whole. A long one goes into an anonymous
+        mapping of its length, whose pages are only backed as bytes land in them: memory
+        follows what arrived, grows without copying, and goes back to the kernel when the
+        write is done (a growing heap buffer would be copied as it grows, and fragment the
+        heap so that its high-water mark outlives it)."""
+        if self._mapping is None and self.request.length >= MAPPED_GATHER:
+            self._mapping = mmap.mmap(-1, self.request.length)
+        mapping = self._mapping
+        if mapping is None:
+            self._carry += data
+            return
+        end = self._gathered + len(data)
+        mapping[self._gathered : end] = data
+        self._gathered = end
 
     def _part(self, device: BlockDevice, data: Buffer) -> None:
         try:
