@@ -40,6 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         max_connections=200,
         max_connections_per_client=200,
         handshake_timeout=60,
+        metrics=True,
     )
     yield running
     running.stop()
@@ -142,6 +143,11 @@ def test_writes_that_must_be_whole_share_the_budget_and_all_finish(server: Runni
     assert all(result[:2] == (1, 0) for result in results.values())
     assert grown <= TOTAL + MAX_PAYLOAD + OVERHEAD, f"grew {grown >> 20} MiB"
     assert probe.p99() <= 0.1, f"another client's p99 {probe.p99() * 1000:.0f} ms"
+    # what the operator sees: the waiting writers were throttled, and nothing is held now
+    assert (server.sample("nbdguard_throttled_seconds_total", export="disk") or 0) > 0
+    limit = "max_buffered_bytes_per_connection"
+    assert (server.sample("nbdguard_limit_hits_total", limit=limit) or 0) >= 1
+    assert server.sample("nbdguard_buffered_bytes", export="disk") == 0
     head = Path(server.images["disk"]).read_bytes()[:MAX_PAYLOAD]
     assert (
         head == bytes([head[0]]) * MAX_PAYLOAD and 0x10 <= head[0] < 0x10 + WRITERS
