@@ -160,7 +160,7 @@ class Dispatcher:
             return
         try:
             rest = incoming.rest(piece.data)
-            if len(rest) >= OFF_LOOP_WRITE:  # a gathered write: one pwrite of many MiB
+            if not incoming.unit and len(rest) >= OFF_LOOP_WRITE:  # gathered: one long pwrite
                 self._writing += len(rest)
                 self.spawn(self._write_off_loop(request, started, rest, piece))
                 return

@@ -265,7 +265,10 @@ def test_a_write_abandoned_mid_payload_leaves_nothing_in_flight(image: Path) -> 
     export.close()
 
 
-def test_write_to_sector_0_waits_until_whole_and_a_header_writes_nothing(image: Path) -> None:
+async def test_write_to_sector_0_waits_until_whole_and_a_header_writes_nothing(
+    image: Path,
+) -> None:
+    """Gathered whole, then written in a worker thread (it is long): awaited here."""
     dispatcher, wire, export = make(image, structured=False)
     before = image.read_bytes()
     arrivals = Arrivals(dispatcher)
@@ -275,6 +278,7 @@ def test_write_to_sector_0_waits_until_whole_and_a_header_writes_nothing(image: 
         arrivals.receive(header[start : start + 65536])
         assert image.read_bytes() == before  # the guard must see the request whole
     arrivals.receive(header[PART - 65536 :])
+    await dispatcher.drain()
     assert wire.simple() == (NBDError.EPERM, 1, b"")
     assert image.read_bytes() == before
 
@@ -282,6 +286,7 @@ def test_write_to_sector_0_waits_until_whole_and_a_header_writes_nothing(image: 
     arrivals.receive(request(Command.WRITE, 0, PART, cookie=2) + plain[:-1])
     assert image.read_bytes() == before
     arrivals.receive(plain[-1:])
+    await dispatcher.drain()
     assert wire.simple() == (0, 2, b"")
     assert image.read_bytes()[:PART] == plain
     export.close()
