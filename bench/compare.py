@@ -162,6 +162,7 @@ def nbdguard_server(
     name: str,
     extra: str = "",
     server_extra: str = "",
+    *,
     source: Path | None = None,
 ) -> Server:
     fmt = "raw" if image.suffix == ".raw" else "qcow2"
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             # cache happens to be laid out), and that must not stick to one server.
             images = {name: files[(i + round_number) % len(files)] for i, name in enumerate(names)}
             servers = [
-                nbdguard_server(work, images[name], name, extra, server_extra, source)
+                nbdguard_server(work, images[name], name, extra, server_extra, source=source)
                 for name, extra, server_extra, source in variants
             ]
             if not args.no_peers:
