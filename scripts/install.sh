@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-PACKAGES=(python3 python3-venv python3-libnbd qemu-utils libnbd-bin nbdkit nbd-client
+PACKAGES=(python3 python3-venv python3-libnbd qemu-utils libnbd-bin nbdkit nbd-client systemd
           nbd-server fio prometheus e2fsprogs python3-yaml openssl)
 missing=()
 for package in "${PACKAGES[@]}"; do

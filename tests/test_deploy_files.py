@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
+from nbdguard.config import load_config, parse_host_port
 from nbdguard.server import notify
 from tests.interop.conftest import ExportSpec, free_port, write_config
 
@@ -120,12 +121,150 @@ def test_dockerfile_is_consistent_with_the_repository() -> None:
     assert entrypoint == ["nbdguard"] and "nbdguard" in scripts
 
 
-def test_systemd_units() -> None:
-    service = (ROOT / "deploy/systemd/nbdguard.service").read_text()
-    socket = (ROOT / "deploy/systemd/nbdguard.socket").read_text()
-    assert re.search(r"^ExecStart=\S*nbdguard serve ", service, flags=re.MULTILINE)
-    assert "Requires=nbdguard.socket" in service and "KillSignal=SIGTERM" in service
-    assert re.search(r"^ListenStream=10809$", socket, flags=re.MULTILINE)
+SYSTEMD = ROOT / "deploy" / "systemd"
+INSTALL_SYSTEM = ROOT / "scripts" / "install-system.sh"
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """A unit file as "Section.Key" -> every value, in order (keys may repeat)."""
+    settings: dict[str, list[str]] = {}
+    section = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        settings.setdefault(f"{section}.{key}", []).append(value)
+    return settings
+
+
+def install_prefix() -> str:
+    """Where install-system.sh makes its venv."""
+    found = re.search(r"^PREFIX=(\S+)$", INSTALL_SYSTEM.read_text(), flags=re.MULTILINE)
+    assert found, "install-system.sh names no PREFIX"
+    return found.group(1)
+
+
+@pytest.fixture
+def staged_root(tmp_path: Path) -> Path:
+    """The files install-system.sh installs, staged under a root (DESTDIR)."""
+    root = tmp_path / "root"
+    staged = subprocess.run(
+        ["bash", str(INSTALL_SYSTEM)],
+        env=dict(os.environ, DESTDIR=str(root)),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert staged.returncode == 0, staged.stdout + staged.stderr
+    return root
+
+
+def test_install_system_stages_units_config_docs_and_a_scratch_image(staged_root: Path) -> None:
+    service = unit_settings(staged_root / "etc/systemd/system/nbdguard.service")
+    socket_unit = unit_settings(staged_root / "etc/systemd/system/nbdguard.socket")
+    for url in service["Unit.Documentation"] + socket_unit["Unit.Documentation"]:
+        assert url.startswith("file:///") and (staged_root / url[len("file:///") :]).is_file()
+    exec_start = service["Service.ExecStart"][0].split()
+    assert exec_start[0] == f"{install_prefix()}/bin/nbdguard"
+    config_path = exec_start[exec_start.index("--config") + 1]
+    installed = staged_root / config_path.lstrip("/")
+    assert installed.read_text() == (SYSTEMD / "nbdguard.toml").read_text()
+    assert installed.stat().st_mode & 0o007 == 0  # not world-readable
+    config = load_config(SYSTEMD / "nbdguard.toml")
+    for export in config.exports:
+        image = staged_root / str(export.path).lstrip("/")
+        assert image.stat().st_size == 1 << 30 and image.stat().st_blocks == 0  # sparse
+
+
+def test_install_system_keeps_an_existing_config(staged_root: Path) -> None:
+    config = staged_root / "etc/nbdguard/nbdguard.toml"
+    config.write_text("# the operator's\n")
+    (staged_root / "var/lib/nbdguard/scratch.raw").unlink()
+    again = subprocess.run(
+        ["bash", str(INSTALL_SYSTEM)],
+        env=dict(os.environ, DESTDIR=str(staged_root)),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr
+    assert config.read_text() == "# the operator's\n"
+    assert not (staged_root / "var/lib/nbdguard/scratch.raw").exists()
+
+
+def test_systemd_analyze_verify_accepts_the_installed_units(staged_root: Path) -> None:
+    """`systemd-analyze verify` on the units as installed: every command must exist (the
+    venv's nbdguard where install-system.sh makes it), every key must be known."""
+    binary = shutil.which("systemd-analyze")
+    if binary is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    units = Path("/usr/lib/systemd/system")
+    shutil.copytree(units, staged_root / "usr/lib/systemd/system", symlinks=True)
+    (staged_root / "usr/bin").mkdir(parents=True)
+    for link in ("lib", "bin", "sbin"):
+        (staged_root / link).symlink_to(f"usr/{link}")
+    service = unit_settings(staged_root / "etc/systemd/system/nbdguard.service")
+    for command in service["Service.ExecReload"]:
+        program = command.split()[0]  # a system binary: it must exist on this host too
+        (staged_root / "usr/bin" / Path(program).name).write_bytes(Path(program).read_bytes())
+        (staged_root / "usr/bin" / Path(program).name).chmod(0o755)
+    venv_program = staged_root / install_prefix().lstrip("/") / "bin" / "nbdguard"
+    venv_program.parent.mkdir(parents=True)
+    venv_program.write_text("#!/bin/sh\n")  # the venv itself is made by pip, not staged
+    venv_program.chmod(0o755)
+    verified = subprocess.run(
+        [binary, "verify", f"--root={staged_root}", "nbdguard.service", "nbdguard.socket"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verified.returncode == 0 and not verified.stderr.strip(), verified.stderr
+
+
+def test_systemd_service_settings() -> None:
+    service = unit_settings(SYSTEMD / "nbdguard.service")
+    assert service["Service.Type"] == ["notify"]
+    assert service["Service.ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert service["Service.User"][0] not in ("root", "0")
+    assert service["Service.RuntimeDirectory"] == ["nbdguard"]
+    assert service["Service.RuntimeDirectoryPreserve"] == ["yes"]  # the socket unit's file
+    assert service["Service.StateDirectory"] == ["nbdguard"]
+    assert service["Service.ProtectSystem"] == ["strict"]
+    assert service["Service.NoNewPrivileges"] == ["true"]
+    assert service["Service.PrivateTmp"] == ["true"]
+    assert service["Service.CapabilityBoundingSet"] == [""]  # no capability at all
+    writable = [Path(p) for value in service["Service.ReadWritePaths"] for p in value.split()]
+    for export in load_config(SYSTEMD / "nbdguard.toml").exports:
+        assert any(export.path.is_relative_to(directory) for directory in writable), export
+    assert "nbdguard.socket" in service["Unit.Requires"][0].split()
+
+
+def test_systemd_socket_matches_the_example_config_and_the_installed_one() -> None:
+    """The socket unit binds exactly the example's listeners; the installed config leaves
+    listen empty, so the server does not bind them a second time."""
+    socket_unit = unit_settings(SYSTEMD / "nbdguard.socket")
+    service = unit_settings(SYSTEMD / "nbdguard.service")
+    example = tomllib.loads((ROOT / "config" / "nbdguard.example.toml").read_text())
+    wanted = {
+        address.removeprefix("tcp://").removeprefix("unix://")
+        for address in example["server"]["listen"]
+    }
+    assert set(socket_unit["Socket.ListenStream"]) == wanted
+    for path in (Path(a) for a in wanted if a.startswith("/")):
+        assert path.parent == Path("/run") / service["Service.RuntimeDirectory"][0]
+    installed = load_config(SYSTEMD / "nbdguard.toml")
+    assert socket_unit["Socket.SocketMode"] == [f"{installed.server.socket_mode:04o}"]
+    assert socket_unit["Socket.SocketGroup"] == service["Service.Group"]
+    assert installed.server.listen == ()
+    assert installed.server.metrics_listen == parse_host_port(example["server"]["metrics_listen"])
+
+
+def test_ci_installs_systemd_analyze() -> None:
+    assert re.search(r"PACKAGES=\([^)]*\bsystemd\b", (ROOT / "scripts/install.sh").read_text())
 
 
 # -- systemd's notify protocol, against a live `nbdguard serve` -------------------------------
