@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import tomllib
 import urllib.error
 import urllib.request
@@ -26,7 +27,7 @@ import yaml
 
 from nbdguard.config import load_config, parse_host_port
 from nbdguard.server import notify
-from tests.interop.conftest import ExportSpec, free_port, write_config
+from tests.interop.conftest import ExportSpec, free_port, start_server, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "grafana" / "dashboards" / "nbdguard.json"
@@ -104,21 +105,182 @@ def test_compose_wires_three_services_to_existing_files() -> None:
                 assert (ROOT / host).exists(), host
 
 
+def dockerfile_copies() -> dict[str, str]:
+    """COPY destination -> source, for the single-source COPY lines of the Dockerfile."""
+    text = (ROOT / "Dockerfile").read_text()
+    pairs = (line.split() for line in re.findall(r"^COPY (.+)$", text, flags=re.MULTILINE))
+    return {words[-1]: words[0] for words in pairs if len(words) == 2}
+
+
 def test_dockerfile_is_consistent_with_the_repository() -> None:
     text = (ROOT / "Dockerfile").read_text()
     for line in re.findall(r"^COPY (.+)$", text, flags=re.MULTILINE):
         *sources, _ = line.split()
         for source in sources:
             assert (ROOT / source).exists(), source
+    assert re.search(r"^FROM \S+:\d+\.\d+-slim-\w+$", text, flags=re.MULTILINE)  # pinned
     assert re.search(r"^EXPOSE .*\b10809\b.*\b9109\b", text, flags=re.MULTILINE)
     user = re.search(r"^USER (\S+)", text, flags=re.MULTILINE)
     assert user and user.group(1) not in ("root", "0")
-    assert "HEALTHCHECK" in text and "/healthz" in text
     entry = re.search(r"^ENTRYPOINT (.+)$", text, flags=re.MULTILINE)
     assert entry
-    entrypoint = json.loads(entry.group(1))
+    (entrypoint,) = json.loads(entry.group(1))
+    source = dockerfile_copies()[f"/usr/local/bin/{entrypoint}"]
+    assert (ROOT / source).stat().st_mode & 0o111  # COPY keeps the mode: it must be executable
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert entrypoint == ["nbdguard"] and "nbdguard" in scripts
+    assert 'exec nbdguard "$@"' in (ROOT / source).read_text() and "nbdguard" in scripts
+
+
+def test_dockerfile_health_check_reads_the_config_not_a_port() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    check = re.search(r"^HEALTHCHECK .*\\\n\s+CMD (.+)$", text, flags=re.MULTILINE)
+    assert check, "no HEALTHCHECK ... CMD"
+    command = json.loads(check.group(1))
+    assert not re.search(r"\b\d{4,5}\b", check.group(1)), "the port comes from the config"
+    assert dockerfile_copies()[command[-1]] == "deploy/docker/healthcheck.py"
+    config = re.search(r"^ENV NBDGUARD_CONFIG=(\S+)$", text, flags=re.MULTILINE)
+    assert config and config.group(1) == "/etc/nbdguard/nbdguard.toml"
+
+
+def compose_services() -> dict[str, Any]:
+    services: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    return services
+
+
+def test_compose_publishes_on_loopback_only_and_pins_images() -> None:
+    for name, service in compose_services().items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), (name, port)
+        if "image" in service:
+            assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", service["image"]), service["image"]
+
+
+def test_compose_serves_the_container_config() -> None:
+    """nbdguard gets config/container.toml as $NBDGUARD_CONFIG, its listeners are the ones
+    published, its images live in the mounted directory, Prometheus scrapes its metrics."""
+    nbdguard = compose_services()["nbdguard"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in nbdguard["volumes"]}
+    assert mounts["/etc/nbdguard/nbdguard.toml"] == "./config/container.toml"
+    config = load_config(ROOT / "config" / "container.toml")
+    assert config.server.metrics_listen is not None
+    metrics_port = config.server.metrics_listen[1]
+    nbd_ports = {int(str(a).rsplit(":", 1)[1]) for a in config.server.listen}
+    published = {int(port.rsplit(":", 1)[1]) for port in nbdguard["ports"]}
+    assert published == nbd_ports | {metrics_port}
+    images = Path(next(target for target, host in mounts.items() if host == "./images"))
+    assert config.exports and all(e.path.is_relative_to(images) for e in config.exports)
+    scrape = yaml.safe_load((ROOT / "config/prometheus/prometheus.yml").read_text())
+    targets = scrape["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == [f"nbdguard:{metrics_port}"]
+
+
+def test_compose_user_defaults_to_the_image_user() -> None:
+    user = compose_services()["nbdguard"]["user"]
+    found = re.fullmatch(r"\$\{NBDGUARD_UID:-(\d+)\}:\$\{NBDGUARD_GID:-(\d+)\}", user)
+    assert found, user
+    useradd = re.search(r"useradd [^\n]*--uid (\d+)", (ROOT / "Dockerfile").read_text())
+    assert useradd and found.group(1) == found.group(2) == useradd.group(1)
+
+
+def test_health_check_follows_metrics_listen(tmp_path: Path) -> None:
+    """The health check asks the config's metrics address (a wildcard one through the
+    loopback): 0 while the server is up, 1 once it is gone or without metrics_listen."""
+    port = free_port()
+    running = start_server(
+        tmp_path / "srv", [ExportSpec("d", size=1 << 20)], metrics_listen=f"0.0.0.0:{port}"
+    )
+    check = [sys.executable, str(ROOT / "deploy/docker/healthcheck.py")]
+    env = dict(os.environ, NBDGUARD_CONFIG=str(tmp_path / "srv" / "nbdguard.toml"))
+    try:
+        up = subprocess.run(check, env=env, capture_output=True, text=True, cwd=ROOT)
+        assert up.returncode == 0 and f"127.0.0.1:{port}/healthz: 200 ok" in up.stdout, up
+    finally:
+        assert running.stop() == 0
+    down = subprocess.run(check, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert down.returncode == 1 and "unhealthy" in down.stdout
+    bare = tmp_path / "bare.toml"
+    bare.write_text('[[exports]]\nname = "d"\npath = "d.raw"\nformat = "raw"\n')
+    none = subprocess.run(
+        check, env=dict(env, NBDGUARD_CONFIG=str(bare)), capture_output=True, text=True, cwd=ROOT
+    )
+    assert none.returncode == 1 and "no [server] metrics_listen" in none.stdout
+
+
+@pytest.fixture
+def entrypoint_sandbox() -> Iterator[Path]:
+    """A world-readable directory holding the entrypoint and a fake `nbdguard` that prints
+    its arguments (tmp_path is private to root, and the test runs it as nobody)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the entrypoint as another uid")
+    directory = Path(tempfile.mkdtemp(prefix="nbdguard-entrypoint-"))
+    try:
+        directory.chmod(0o755)
+        (directory / "bin").mkdir(mode=0o755)
+        fake = directory / "bin" / "nbdguard"
+        fake.write_text('#!/bin/sh\necho "nbdguard $*"\n')
+        fake.chmod(0o755)
+        shutil.copy(ROOT / "deploy/docker/entrypoint.sh", directory / "entrypoint.sh")
+        (directory / "images").mkdir(mode=0o755)
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
+def entrypoint(sandbox: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The entrypoint as uid/gid 65534, as a container started with that `user:`."""
+    env = {
+        "PATH": f"{sandbox}/bin:/usr/bin:/bin",
+        "NBDGUARD_IMAGES": str(sandbox / "images"),
+        "NBDGUARD_CONFIG": "/etc/nbdguard/nbdguard.toml",
+    }
+    return subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            str(sandbox / "entrypoint.sh"),
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_entrypoint_runs_nbdguard_when_the_images_are_usable(entrypoint_sandbox: Path) -> None:
+    image = entrypoint_sandbox / "images" / "disk.raw"
+    image.write_bytes(b"")
+    os.chown(image, 65534, 65534)
+    served = entrypoint(entrypoint_sandbox)
+    assert served.returncode == 0 and not served.stderr, served.stderr
+    assert served.stdout == "nbdguard serve --config /etc/nbdguard/nbdguard.toml\n"
+    check = entrypoint(entrypoint_sandbox, "check-config", "/x.toml")
+    assert check.stdout == "nbdguard check-config /x.toml\n"
+
+
+def test_entrypoint_refuses_images_this_uid_cannot_read(entrypoint_sandbox: Path) -> None:
+    image = entrypoint_sandbox / "images" / "disk.raw"
+    image.write_bytes(b"")
+    image.chmod(0o600)  # root's, as a bind mount of the host user's files
+    refused = entrypoint(entrypoint_sandbox)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert str(image) in refused.stderr
+    assert "NBDGUARD_UID=$(id -u)" in refused.stderr and "chown -R 65534:65534" in refused.stderr
+    (entrypoint_sandbox / "images").chmod(0o700)
+    refused = entrypoint(entrypoint_sandbox)
+    assert refused.returncode == 1 and "cannot be read by uid 65534:65534" in refused.stderr
+
+
+def test_entrypoint_warns_about_images_it_can_only_read(entrypoint_sandbox: Path) -> None:
+    image = entrypoint_sandbox / "images" / "disk.raw"
+    image.write_bytes(b"")
+    image.chmod(0o644)
+    served = entrypoint(entrypoint_sandbox)
+    assert served.returncode == 0 and served.stdout.startswith("nbdguard serve")
+    assert "read_only = true" in served.stderr and str(image) in served.stderr
 
 
 SYSTEMD = ROOT / "deploy" / "systemd"
