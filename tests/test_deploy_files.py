@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,14 @@ import yaml
 
 from nbdguard.config import load_config, parse_host_port
 from nbdguard.server import notify
-from tests.interop.conftest import ExportSpec, free_port, start_server, write_config
+from tests.interop.conftest import (
+    ExportSpec,
+    free_port,
+    require,
+    run,
+    start_server,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "grafana" / "dashboards" / "nbdguard.json"
@@ -439,13 +447,17 @@ class NotifiedServer:
     nbd_port: int
     metrics_port: int
     log: Path
+    sender: int = 0  # the pid that sent the last message (SCM_CREDENTIALS)
 
     def message(self) -> set[str]:
         """The next datagram's fields (waits for it: the receiver has a timeout)."""
         try:
-            data = self.receiver.recv(4096)
+            data, ancillary, _, _ = self.receiver.recvmsg(4096, socket.CMSG_SPACE(12))
         except TimeoutError:
             raise AssertionError(f"no notification\n{self.log.read_text()}") from None
+        for level, kind, payload in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
+                self.sender = struct.unpack("iII", payload[:12])[0]
         return set(data.decode().split("\n"))
 
     def health(self) -> int:
@@ -459,10 +471,13 @@ class NotifiedServer:
 
 @contextlib.contextmanager
 def notified_server(
-    tmp_path: Path, address: str, *, image: bool = True
+    tmp_path: Path, address: str, *, image: bool = True, wrapper: tuple[str, ...] = ()
 ) -> Iterator[NotifiedServer]:
-    """`nbdguard serve` with NOTIFY_SOCKET naming a datagram socket this test reads."""
+    """`nbdguard serve` (under `wrapper`, if any) with NOTIFY_SOCKET naming a datagram
+    socket this test reads, with the senders' credentials (systemd's NotifyAccess=main
+    drops messages from any other pid than the service's)."""
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     receiver.bind("\0" + address[1:] if address.startswith("@") else address)
     receiver.settimeout(30)
     nbd_port, metrics_port = free_port(), free_port()
@@ -474,7 +489,7 @@ def notified_server(
     log = tmp_path / "server.log"
     with open(log, "wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "nbdguard", "serve", "--config", str(config)],
+            [*wrapper, sys.executable, "-m", "nbdguard", "serve", "--config", str(config)],
             stdout=output,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -495,6 +510,7 @@ def test_notify_ready_reloading_stopping(tmp_path: Path, kind: str) -> None:
     address = str(tmp_path / "notify") if kind == "path" else f"@nbdguard-{uuid.uuid4().hex}"
     with notified_server(tmp_path, address) as server:
         assert {"READY=1", "STATUS=serving 1 export(s)"} <= server.message()
+        assert server.sender == server.process.pid  # the main process: NotifyAccess=main
         # READY=1 means every export is open and every listener accepts: /healthz says so
         # at once, and the NBD port greets.
         assert server.health() == 200
@@ -511,6 +527,7 @@ def test_notify_ready_reloading_stopping(tmp_path: Path, kind: str) -> None:
         assert "READY=1" in server.message()
         server.process.send_signal(signal.SIGTERM)
         assert "STOPPING=1" in server.message()
+        assert server.sender == server.process.pid
         assert server.process.wait(timeout=30) == 0
 
 
@@ -534,3 +551,57 @@ def test_notify_without_a_listener_never_fails(
     assert notify.stopping() is False
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody"))
     assert notify.reloading() is False
+
+
+def syscall_set(group: str) -> set[str]:
+    """The system calls of a systemd syscall-filter group, nested groups expanded."""
+    listing = subprocess.run(
+        ["systemd-analyze", "syscall-filter", group], capture_output=True, text=True, check=True
+    ).stdout
+    names: set[str] = set()
+    for line in listing.splitlines()[1:]:
+        word = line.strip()
+        if not word or word.startswith("#"):
+            continue
+        names |= syscall_set(word) if word.startswith("@") else {word}
+    return names
+
+
+@pytest.mark.interop
+def test_server_fits_the_service_syscall_filter_and_address_families(tmp_path: Path) -> None:
+    """Under strace, a served session (writes, reads large enough for sendfile, trim, zero,
+    flush, FUA, block status, a scrape, a reload, the stop) uses only calls in the unit's
+    SystemCallFilter and only the socket families of its RestrictAddressFamilies."""
+    require("strace", "systemd-analyze", "qemu-io", "nbdinfo")
+    service = unit_settings(SYSTEMD / "nbdguard.service")
+    (group,) = service["Service.SystemCallFilter"]
+    families = set(service["Service.RestrictAddressFamilies"][0].split())
+    trace = tmp_path / "strace.txt"
+    strace = ("strace", "-f", "-C", "-qq", "-o", str(trace))
+    with notified_server(tmp_path, str(tmp_path / "notify"), wrapper=strace) as server:
+        assert "READY=1" in server.message()
+        uri = f"nbd+unix:///d?socket={tmp_path / 'nbd.sock'}"
+        io = [
+            "write -P 0xab 0 512k",
+            "read -P 0xab 0 512k",
+            "read 0 4k",
+            "discard 512k 64k",
+            "write -z 576k 64k",
+            "flush",
+            "write -f 0 4k",
+        ]
+        run("qemu-io", "-f", "raw", *(arg for c in io for arg in ("-c", c)), uri)
+        run("nbdinfo", "--map", uri)
+        assert server.health() == 200
+        os.kill(server.sender, signal.SIGHUP)
+        assert "RELOADING=1" in server.message() and "READY=1" in server.message()
+        os.kill(server.sender, signal.SIGTERM)
+        assert "STOPPING=1" in server.message()
+        assert server.process.wait(timeout=60) == 0, server.log.read_text()
+    text = trace.read_text()
+    summary = text[text.index("% time") :].splitlines()
+    used = {words[-1] for words in map(str.split, summary) if words and words[0][0].isdigit()}
+    used.discard("total")
+    assert {"sendfile", "fdatasync", "fallocate", "pwrite64"} <= used  # the session ran
+    assert used - syscall_set(group) == set()
+    assert set(re.findall(r"socket\((AF_\w+)", text)) <= families
