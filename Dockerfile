@@ -1,6 +1,6 @@
 # nbdguard: NBD server for disk images whose formats are pinned, never probed.
-# The config is /etc/nbdguard/nbdguard.toml ($NBDGUARD_CONFIG; compose.yaml mounts
-# config/container.toml there), the images are under /var/lib/nbdguard (a volume).
+# The config is /etc/nbdguard/nbdguard.toml ($NBDGUARD_CONFIG: config/container.toml unless
+# another file is mounted there), the images are under /var/lib/nbdguard (a volume).
 FROM python:3.11-slim-bookworm
 
 RUN useradd --system --uid 10809 --user-group --home-dir /var/lib/nbdguard --create-home \
@@ -13,6 +13,8 @@ COPY nbdguard ./nbdguard
 RUN pip install --no-cache-dir . && rm -rf /app
 COPY deploy/docker/entrypoint.sh /usr/local/bin/nbdguard-entrypoint
 COPY deploy/docker/healthcheck.py /usr/local/lib/nbdguard/healthcheck.py
+# The default config (compose.yaml mounts the same file, so edits need no rebuild).
+COPY config/container.toml /etc/nbdguard/nbdguard.toml
 
 ENV NBDGUARD_CONFIG=/etc/nbdguard/nbdguard.toml
 VOLUME ["/var/lib/nbdguard"]

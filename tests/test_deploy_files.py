@@ -1,5 +1,6 @@
 """The files operators deploy with: Prometheus config and rules, the Grafana dashboard and
-provisioning, the Dockerfile, compose.yaml and the systemd units."""
+provisioning, the Dockerfile with its entrypoint and health check, compose.yaml, the systemd
+units with scripts/install-system.sh, and the notify protocol the service unit relies on."""
 
 from __future__ import annotations
 
@@ -169,6 +170,7 @@ def test_compose_serves_the_container_config() -> None:
     nbdguard = compose_services()["nbdguard"]
     mounts = {v.split(":")[1]: v.split(":")[0] for v in nbdguard["volumes"]}
     assert mounts["/etc/nbdguard/nbdguard.toml"] == "./config/container.toml"
+    assert dockerfile_copies()["/etc/nbdguard/nbdguard.toml"] == "config/container.toml"
     config = load_config(ROOT / "config" / "container.toml")
     assert config.server.metrics_listen is not None
     metrics_port = config.server.metrics_listen[1]
