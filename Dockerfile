@@ -3,7 +3,8 @@
 # another file is mounted there), the images are under /var/lib/nbdguard (a volume).
 FROM python:3.11-slim-bookworm
 
-RUN useradd --system --uid 10809 --user-group --home-dir /var/lib/nbdguard --create-home \
+RUN groupadd --system --gid 10809 nbdguard \
+    && useradd --system --uid 10809 --gid 10809 --home-dir /var/lib/nbdguard --create-home \
         --shell /usr/sbin/nologin nbdguard \
     && mkdir -p /etc/nbdguard
 

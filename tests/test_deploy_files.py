@@ -188,8 +188,10 @@ def test_compose_user_defaults_to_the_image_user() -> None:
     user = compose_services()["nbdguard"]["user"]
     found = re.fullmatch(r"\$\{NBDGUARD_UID:-(\d+)\}:\$\{NBDGUARD_GID:-(\d+)\}", user)
     assert found, user
-    useradd = re.search(r"useradd [^\n]*--uid (\d+)", (ROOT / "Dockerfile").read_text())
-    assert useradd and found.group(1) == found.group(2) == useradd.group(1)
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    uid = re.search(r"useradd [^\n]*--uid (\d+) --gid (\d+)", dockerfile)
+    gid = re.search(r"groupadd [^\n]*--gid (\d+)", dockerfile)
+    assert uid and gid and (found.group(1), found.group(2)) == (uid[1], uid[2]) == (uid[1], gid[1])
 
 
 def test_health_check_follows_metrics_listen(tmp_path: Path) -> None:
