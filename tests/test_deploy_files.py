@@ -296,6 +296,7 @@ def test_entrypoint_warns_about_images_it_can_only_read(entrypoint_sandbox: Path
 
 
 SYSTEMD = ROOT / "deploy" / "systemd"
+AS_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 INSTALL_SYSTEM = ROOT / "scripts" / "install-system.sh"
 
 
@@ -368,6 +369,20 @@ def test_install_system_keeps_an_existing_config(staged_root: Path) -> None:
     assert again.returncode == 0, again.stderr
     assert config.read_text() == "# the operator's\n"
     assert not (staged_root / "var/lib/nbdguard/scratch.raw").exists()
+
+
+def test_install_system_refuses_to_run_as_another_user() -> None:
+    """Without DESTDIR it changes the system: as a user it stops before touching anything."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the script as another uid")
+    refused = subprocess.run(
+        [*AS_NOBODY, "bash", str(INSTALL_SYSTEM)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert refused.returncode == 1 and "run it as root" in refused.stderr
 
 
 def test_systemd_analyze_verify_accepts_the_installed_units(staged_root: Path) -> None:
