@@ -236,8 +236,10 @@ class Server:
 
     def _on_hangup(self) -> None:
         notify.reloading()
-        self.reload()
-        notify.ready(f"serving {len(self.registry.exports)} export(s)")
+        try:
+            self.reload()
+        finally:  # systemd shows "reloading" until READY=1 comes back
+            notify.ready(f"serving {len(self.registry.exports)} export(s)")
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file. New exports open, removed ones stop taking
