@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nbdguard.config import ExportConfig
+from nbdguard.config import DEFAULT_METADATA_CACHE, ExportConfig
 from nbdguard.errors import ChainRefused, ExportOpenError, Qcow2Corrupt
 from nbdguard.guard.sector0 import GuardPolicy, Sector0Guard
 from nbdguard.observability.reporter import ExportReporter
@@ -20,7 +20,7 @@ def build_device(config: ExportConfig, reporter: ExportReporter | None = None) -
     reporter = reporter or ExportReporter(config.name)
     chain = resolve_chain(config)
     try:
-        device = chain_device(chain, reporter)
+        device = chain_device(chain, reporter, metadata_cache=config.metadata_cache)
     except BaseException:
         chain.close()
         raise
@@ -29,21 +29,32 @@ def build_device(config: ExportConfig, reporter: ExportReporter | None = None) -
     return _guarded(config, device, chain.layers[0], reporter)
 
 
-def chain_device(chain: Chain, reporter: ExportReporter | None = None) -> BlockDevice:
-    """Format drivers stacked bottom-up over the chain's open files."""
+def chain_device(
+    chain: Chain,
+    reporter: ExportReporter | None = None,
+    *,
+    metadata_cache: int = DEFAULT_METADATA_CACHE,
+) -> BlockDevice:
+    """Format drivers stacked bottom-up over the chain's open files. The export's
+    `metadata_cache` is shared evenly by its qcow2 layers."""
     reporter = reporter or ExportReporter(chain.export)
+    share = metadata_cache // max(1, sum(layer.format == "qcow2" for layer in chain.layers))
     device: BlockDevice | None = None
     for layer in reversed(chain.layers):
         if layer.format == "raw":
             device = RawImage(layer.file)
         else:
-            device = _qcow2(chain, layer, device, reporter)
+            device = _qcow2(chain, layer, device, reporter, share)
     assert device is not None
     return device
 
 
 def _qcow2(
-    chain: Chain, layer: ChainLayer, backing: BlockDevice | None, reporter: ExportReporter
+    chain: Chain,
+    layer: ChainLayer,
+    backing: BlockDevice | None,
+    reporter: ExportReporter,
+    metadata_cache: int,
 ) -> Qcow2Image:
     assert layer.header is not None
     host = HostFile(layer.file)
@@ -59,7 +70,13 @@ def _qcow2(
 
     try:
         return Qcow2Image(
-            layer.header, host, data, backing, on_close=layer.close, on_corrupt=on_corrupt
+            layer.header,
+            host,
+            data,
+            backing,
+            on_close=layer.close,
+            on_corrupt=on_corrupt,
+            metadata_cache=metadata_cache,
         )
     except OSError as err:
         host.close()

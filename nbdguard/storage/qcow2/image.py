@@ -8,8 +8,18 @@ compressed, shared with a snapshot) gets a new cluster filled with the current g
 around the written bytes. Metadata changes stay in memory until a flush writes them in the
 order that keeps the image consistent after a crash (see `refcounts.py`).
 
+L2 tables live in a byte-bounded cache (`l2cache.py`, the export's `metadata_cache`): when
+dirty tables leave no room, the least recently used are written back in FLUSH's order
+(data and refcounts synced first; the L1 waits for the next FLUSH, so a crash before it
+leaks the new tables' clusters at worst) instead of the cache growing. Room is made only
+where no table is in use: at the start of each request, and between the pieces of a long
+write (`_in_pieces`), so no request adds more tables than were kept free for it.
+
 All public methods take one lock, since `flush` runs in a worker thread; the flush holds it
-only to capture what to write, not during its writes and syncs.
+only to capture what to write, not during its writes and syncs. One metadata write is in
+flight at a time, in the order they asked (`_begin_writing`: a flusher looping in a thread
+must not starve a request's write-back or another flush): a flush, or a write-back made
+inside a request, which waits for a running flush to finish first.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import struct
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, TypeVar
 
@@ -42,6 +52,7 @@ from nbdguard.storage.qcow2.header import (
     Qcow2Header,
 )
 from nbdguard.storage.qcow2.hostfile import HostFile
+from nbdguard.storage.qcow2.l2cache import L2Cache
 from nbdguard.storage.qcow2.metadata import L1_RESERVED, Kind, MetadataMap, build_map
 from nbdguard.storage.qcow2.refcounts import (
     Refcounts,
@@ -91,7 +102,9 @@ def _reports_corruption(
 KIND_DATA, KIND_ZERO, KIND_BACKING, KIND_COMPRESSED = range(4)
 Segment = tuple[int, int, int, int]  # (kind, guest offset, length, host offset or descriptor)
 
-L2_CACHE_BYTES = 32 << 20
+L2_CACHE_BYTES = 32 << 20  # the default `metadata_cache`
+PIECE_TABLES = 64  # L2 tables one piece of a long write may touch (room is kept for them)
+WRITE_BACK_BYTES = 1 << 20  # dirty tables written back at once, at most (unless more must)
 BLOCK_STATUS_CLUSTERS = 16384  # clusters examined per BLOCK_STATUS request at most
 ZERO_CHUNK = 1 << 20
 
@@ -113,6 +126,7 @@ class Qcow2Image(BlockDevice):
         *,
         on_close: Callable[[], None] = lambda: None,
         on_corrupt: Callable[[Qcow2Corrupt], None] = lambda err: None,
+        metadata_cache: int = L2_CACHE_BYTES,
     ) -> None:
         self.header = header
         self.host = host
@@ -136,12 +150,19 @@ class Qcow2Image(BlockDevice):
         # L1 entries found valid (checked once: what they name stays an L2 table until the
         # entry itself changes, and the engine's own entries are valid by construction)
         self._l1_checked = bytearray(len(self.l1))
-        self._l2: OrderedDict[int, array[int]] = OrderedDict()
-        self._l2_dirty: set[int] = set()
-        self._l2_limit = max(16, L2_CACHE_BYTES // self.cluster_size)
+        self.l2_cache = L2Cache(metadata_cache, self.cluster_size, self._load_table)
+        # Room kept free at each safe point: what one piece of a write may add (dirty).
+        self._reserve = max(1, min(PIECE_TABLES, self.l2_cache.limit // 4))
+        self._write_back_tables = max(
+            self._reserve, min(self.l2_cache.limit // 8, WRITE_BACK_BYTES // self.cluster_size)
+        )
+        self.write_backs = 0  # metadata write-backs made because the cache was full
         self._inflated: OrderedDict[int, bytes] = OrderedDict()
         self._lock = threading.RLock()
-        self._flush_order = threading.Lock()
+        # Turns to write metadata (flush or write-back), first come first served
+        self._turns = threading.Condition(self._lock)
+        self._next_turn = 0  # the ticket the next writer takes
+        self._serving = 0  # the ticket whose turn it is (its holder is writing)
         writable = not host.file.read_only
         self.metadata: MetadataMap = build_map(
             header,
@@ -171,26 +192,83 @@ class Qcow2Image(BlockDevice):
     # Mapping
 
     def _table(self, offset: int) -> array[int]:
-        table = self._l2.get(offset)
-        if table is not None:
-            self._l2.move_to_end(offset)
-            return table
+        return self.l2_cache.get(offset)
+
+    def _load_table(self, offset: int) -> array[int]:
         if offset % self.cluster_size or offset > MAX_HOST_OFFSET:
             raise OSError(errno.EIO, f"L2 table offset {offset:#x} is invalid")
-        table = load_table(self.host, offset, self.cluster_size)
-        self._l2[offset] = table
-        return table
+        return load_table(self.host, offset, self.cluster_size)
 
-    def _trim_cache(self) -> None:
-        """Bound the L2 cache by dropping clean tables, oldest first; called only between
-        requests, when no table is in use. Dirty tables stay until a flush writes them."""
-        if len(self._l2) <= self._l2_limit:
-            return
-        for offset in list(self._l2):
-            if len(self._l2) <= self._l2_limit // 2:
-                break
-            if offset not in self._l2_dirty:
-                del self._l2[offset]
+    # L2 cache room (only where no table is in use: see the module docstring)
+
+    def _room(self) -> None:
+        """Keep room for `_reserve` more tables: write back dirty ones if they leave none.
+        O(1) unless a write-back is due (then O(tables written), amortized over them)."""
+        while excess := self.l2_cache.over(self._reserve):
+            self._write_back(max(excess, self._write_back_tables))
+
+    def _in_pieces(self, offset: int, length: int, work: Callable[[int, int], None]) -> None:
+        """Run `work` on pieces that each touch at most `_reserve` L2 tables, making room
+        before each; a piece boundary is a cluster boundary."""
+        step = self._reserve << (self.l2_bits + self.cluster_bits)
+        end = offset + length
+        position = offset
+        while True:
+            self._room()
+            stop = min(end, (position // step + 1) * step)
+            work(position, stop - position)
+            position = stop
+            if position >= end:
+                return
+
+    def _write_back(self, count: int) -> None:
+        """Write the `count` least recently used dirty tables, in FLUSH's order: data and
+        refcounts durable before the L2 tables that refer to them, those synced before any
+        L1 write refers to them (the next flush's). Frees wait for that flush. Runs under
+        the lock, after any flush in flight has finished (one metadata write at a time)."""
+        assert self.refcounts is not None
+        self._begin_writing()  # may release the lock: a flush in flight needs it to finish
+        try:
+            if not self.l2_cache.over(self._reserve):
+                return  # that flush made the room
+            tables = self.l2_cache.take_dirty(count)
+            increments = self.refcounts.take_increments()
+            try:
+                self._write_tables(increments, tables)
+            except BaseException:
+                self.refcounts.give_back(increments)
+                self.l2_cache.written(_offsets(tables), ok=False)
+                raise
+            for offset, clusters in increments.frees:
+                self.refcounts.free_later(offset, clusters)
+            self.l2_cache.written(_offsets(tables), ok=True)
+            self.write_backs += 1
+        finally:
+            self._done_writing()
+
+    def _begin_writing(self) -> None:
+        """Under the lock: wait for this writer's turn to write metadata."""
+        ticket = self._next_turn
+        self._next_turn += 1
+        while self._serving != ticket:
+            self._turns.wait()
+
+    def _done_writing(self) -> None:
+        self._serving += 1
+        self._turns.notify_all()
+
+    def _write_tables(
+        self, increments: RefcountWrites, tables: list[tuple[int, array[int]]]
+    ) -> None:
+        assert self.refcounts is not None
+        if self.external_data:
+            self.data.sync()  # data before the entries that expose it
+        self.refcounts.write(increments)  # synced when it wrote anything
+        if increments.empty:
+            self.host.sync()  # guest data in this file before the entries that expose it
+        for offset, table in tables:
+            self.host.write(table_bytes(table), offset)
+        self.host.sync()  # before a later L1 write (whose flush may have no tables) names them
 
     def _entry(self, cluster: int) -> tuple[int, int]:
         index = cluster >> self.l2_bits
@@ -318,20 +396,24 @@ class Qcow2Image(BlockDevice):
     @_reports_corruption
     def pread(self, offset: int, length: int) -> Buffer:
         with self._lock:
-            self._trim_cache()
-            segments = self._segments(offset, length)
-            if len(segments) == 1:
-                kind, _, _, host = segments[0]
-                if kind == KIND_DATA:
-                    return self.data.read(host, length)
-                if kind == KIND_BACKING and self.backing and offset + length <= self.backing.size:
-                    return self.backing.pread(offset, length)
-            out = bytearray(length)
-            view = memoryview(out)
-            for kind, position, count, host in segments:
-                target = view[position - offset : position - offset + count]
-                self._fill(target, kind, position, host)
-            return out
+            self._room()
+            return self._read(offset, length)
+
+    def _read(self, offset: int, length: int) -> Buffer:
+        """The guest's bytes (reads only add clean tables, evicted as needed: no room kept)."""
+        segments = self._segments(offset, length)
+        if len(segments) == 1:
+            kind, _, _, host = segments[0]
+            if kind == KIND_DATA:
+                return self.data.read(host, length)
+            if kind == KIND_BACKING and self.backing and offset + length <= self.backing.size:
+                return self.backing.pread(offset, length)
+        out = bytearray(length)
+        view = memoryview(out)
+        for kind, position, count, host in segments:
+            target = view[position - offset : position - offset + count]
+            self._fill(target, kind, position, host)
+        return out
 
     @_reports_corruption
     def read_range(self, offset: int, length: int) -> FileRange | None:
@@ -341,7 +423,7 @@ class Qcow2Image(BlockDevice):
         in flush(), which counts them, so a range whose count moved is read again through
         the mapping (its `recheck`). Read-only images never free anything."""
         with self._lock:
-            self._trim_cache()
+            self._room()
             segments = self._segments(offset, length)
             if len(segments) != 1:
                 return None
@@ -392,8 +474,10 @@ class Qcow2Image(BlockDevice):
     def pwrite(self, data: Buffer, offset: int) -> None:
         with self._lock:
             self._refuse_if_corrupt()
-            self._trim_cache()
-            self._write(memoryview(data).cast("B"), offset)
+            view = memoryview(data).cast("B")
+            self._in_pieces(
+                offset, len(view), lambda at, count: self._write(view[at - offset :][:count], at)
+            )
 
     def partial_write_unit(self, offset: int) -> int:
         """Parts that end on cluster boundaries allocate (and copy on write) exactly what the
@@ -410,8 +494,7 @@ class Qcow2Image(BlockDevice):
             table_offset, table = self._writable_table(
                 position >> (self.l2_bits + self.cluster_bits)
             )
-            if self._write_in_table(table, view[done : stop - offset], position):
-                self._l2_dirty.add(table_offset)
+            self._write_in_table(table_offset, table, view[done : stop - offset], position)
             done = stop - offset
 
     def _in_place(self, word: int, bitmap: int) -> bool:
@@ -421,9 +504,11 @@ class Qcow2Image(BlockDevice):
             return bitmap & ALL_SUBCLUSTERS == ALL_SUBCLUSTERS
         return not (self.zero_flag and word & ZERO_FLAG)
 
-    def _write_in_table(self, table: array[int], view: memoryview, offset: int) -> bool:
-        """Write one table's share of a request; True if entries of the table changed."""
-        changed = False
+    def _write_in_table(
+        self, table_offset: int, table: array[int], view: memoryview, offset: int
+    ) -> None:
+        """Write one table's share of a request (the table is marked dirty before any of its
+        entries changes)."""
         first = offset >> self.cluster_bits
         last = (offset + len(view) - 1) >> self.cluster_bits
         cluster = first
@@ -446,10 +531,9 @@ class Qcow2Image(BlockDevice):
                 within = start_byte & (self.cluster_size - 1)
                 self.data.write(piece, self._host_of(word) + within)
             else:
+                self.l2_cache.mark_dirty(table_offset)
                 self._write_new_clusters(table, cluster, stop, piece, start_byte)
-                changed = True
             cluster = stop
-        return changed
 
     def _words(self, table: array[int], cluster: int) -> tuple[int, int]:
         slot = (cluster & self.l2_mask) * self.words
@@ -485,7 +569,7 @@ class Qcow2Image(BlockDevice):
         position = cluster << self.cluster_bits
         count = min(self.cluster_size, self.size - position)
         if count > 0:
-            buffer[at : at + count] = self.pread(position, count)
+            buffer[at : at + count] = self._read(position, count)
 
     def _allocate_data(self, first: int, count: int) -> int:
         if self.external_data:
@@ -532,9 +616,8 @@ class Qcow2Image(BlockDevice):
         self.metadata.add(new >> self.cluster_bits, Kind.L2)
         if old:
             self.refcounts.free_later(old, 1)
-            self._l2.pop(old, None)
-        self._l2[new] = table
-        self._l2_dirty.add(new)
+            self.l2_cache.discard(old)
+        self.l2_cache.insert(new, table, dirty=True)
         self.l1[index] = new | COPIED
         self._l1_checked[index] = 1
         self.l1_dirty = True
@@ -566,25 +649,34 @@ class Qcow2Image(BlockDevice):
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
         with self._lock:
             self._refuse_if_corrupt()
-            self._trim_cache()
-            if self.header.version < 3:
-                self._zero_v2(offset, length, may_trim=may_trim, fast=fast)
-                return
-            first, stop = self._whole_clusters(offset, length)
-            self._zero_edges(offset, length, first, stop, fast=fast)
-            self._zero_clusters(first, stop, discard=may_trim)
+            if fast:
+                self._check_fast(offset, length)  # before any piece is zeroed
+
+            def zero(at: int, count: int) -> None:
+                if self.header.version < 3:
+                    self._zero_v2(at, count, may_trim=may_trim, fast=fast)
+                    return
+                first, stop = self._whole_clusters(at, count)
+                self._zero_edges(at, count, first, stop, fast=fast)
+                self._zero_clusters(first, stop, discard=may_trim)
+
+            self._in_pieces(offset, length, zero)
 
     @_reports_corruption
     def trim(self, offset: int, length: int) -> None:
         with self._lock:
             self._refuse_if_corrupt()
-            self._trim_cache()
-            first, stop = self._whole_clusters(offset, length)
-            if self.header.version >= 3:
-                self._zero_clusters(first, stop, discard=True)
-            elif self.backing is None:
-                self._unmap_clusters(first, stop)
-            # v2 with a backing file: nothing may expose the backing data; TRIM is advisory.
+            if self.header.version < 3 and self.backing is not None:
+                return  # nothing may expose the backing data; TRIM is advisory
+
+            def unmap(at: int, count: int) -> None:
+                first, stop = self._whole_clusters(at, count)
+                if self.header.version >= 3:
+                    self._zero_clusters(first, stop, discard=True)
+                else:
+                    self._unmap_clusters(first, stop)
+
+            self._in_pieces(offset, length, unmap)
 
     def _whole_clusters(self, offset: int, length: int) -> tuple[int, int]:
         """The clusters the range covers entirely (the image's last, short cluster counts)."""
@@ -593,7 +685,16 @@ class Qcow2Image(BlockDevice):
         stop = -(-self.size >> self.cluster_bits) if end >= self.size else end >> self.cluster_bits
         return first, max(first, stop)
 
-    def _zero_edges(self, offset: int, length: int, first: int, stop: int, *, fast: bool) -> None:
+    def _check_fast(self, offset: int, length: int) -> None:
+        """A fast zero must not write data (nor need to): refuse it before doing anything."""
+        if self.header.version < 3:
+            raise OSError(errno.ENOTSUP, "qcow2 version 2 has no zero clusters")
+        first, stop = self._whole_clusters(offset, length)
+        if self._edges(offset, length, first, stop):
+            raise OSError(errno.ENOTSUP, "zeroing part of a cluster would not be fast")
+
+    def _edges(self, offset: int, length: int, first: int, stop: int) -> list[tuple[int, int]]:
+        """The parts of the range outside the whole clusters [first, stop)."""
         end = offset + length
         if first >= stop:
             pieces = [(offset, length)]
@@ -602,7 +703,10 @@ class Qcow2Image(BlockDevice):
                 (offset, (first << self.cluster_bits) - offset),
                 (stop << self.cluster_bits, end - (stop << self.cluster_bits)),
             ]
-        pieces = [(start, count) for start, count in pieces if count > 0]
+        return [(start, count) for start, count in pieces if count > 0]
+
+    def _zero_edges(self, offset: int, length: int, first: int, stop: int, *, fast: bool) -> None:
+        pieces = self._edges(offset, length, first, stop)
         if pieces and fast:
             raise OSError(errno.ENOTSUP, "zeroing part of a cluster would not be fast")
         for start, count in pieces:
@@ -617,7 +721,7 @@ class Qcow2Image(BlockDevice):
                 cluster = table_end  # unallocated without a backing file already reads zeros
                 continue
             table_offset, table = self._writable_table(index)
-            self._l2_dirty.add(table_offset)  # before entries change: a failure keeps them
+            self.l2_cache.mark_dirty(table_offset)  # before entries change: a failure keeps them
             for each in range(cluster, table_end):
                 self._zero_entry(table, (each & self.l2_mask) * self.words, discard=discard)
             cluster = table_end
@@ -656,7 +760,7 @@ class Qcow2Image(BlockDevice):
             if not self.l1[index] & OFFSET_MASK:
                 continue
             table_offset, table = self._writable_table(index)
-            self._l2_dirty.add(table_offset)
+            self.l2_cache.mark_dirty(table_offset)
             slot = (cluster & self.l2_mask) * self.words
             self._release(table[slot])
             table[slot] = 0
@@ -670,37 +774,46 @@ class Qcow2Image(BlockDevice):
         to it; only then are released clusters freed (in memory; written by the next flush).
 
         What to write is captured under the image lock; the writes and syncs run without it
-        (requests go on meanwhile), and one flush at a time (a later flush must not be
-        overtaken by an earlier one's older copy of a table).
+        (requests go on meanwhile), and one metadata write at a time (a later one must not be
+        overtaken by an earlier one's older copy of a table). The tables captured stay
+        cached (pinned) until their write is done: reloaded earlier, they would be stale.
         """
         if self.refcounts is None:
             return
-        with self._flush_order:
-            with self._lock:
-                writes = self._take_metadata()
+        with self._lock:
+            self._begin_writing()
             try:
-                self._write_metadata(writes)
+                writes = self._take_metadata()
             except BaseException:
-                with self._lock:
-                    self._give_back(writes)
+                self._done_writing()
                 raise
+        try:
+            self._write_metadata(writes)
+        except BaseException:
             with self._lock:
+                self._give_back(writes)
+                self._done_writing()
+            raise
+        with self._lock:
+            try:
+                self.l2_cache.written(_offsets(writes.tables), ok=True)
                 if writes.refcounts.frees:
                     self._reuse_epoch += 1  # before any freed cluster can be allocated again
                 self.refcounts.apply_frees(writes.refcounts.frees)
+            finally:
+                self._done_writing()
 
     def _take_metadata(self) -> _MetadataWrites:
         assert self.refcounts is not None
-        tables = [(offset, table_bytes(self._l2[offset])) for offset in sorted(self._l2_dirty)]
+        tables = [(offset, table_bytes(table)) for offset, table in self.l2_cache.take_dirty()]
         l1 = table_bytes(self.l1) if self.l1_dirty else None
-        self._l2_dirty.clear()
         self.l1_dirty = False
         return _MetadataWrites(self.refcounts.take_increments(), tables, l1)
 
     def _give_back(self, writes: _MetadataWrites) -> None:
         assert self.refcounts is not None
         self.refcounts.give_back(writes.refcounts)
-        self._l2_dirty.update(offset for offset, _ in writes.tables if offset in self._l2)
+        self.l2_cache.written(_offsets(writes.tables), ok=False)
         self.l1_dirty = self.l1_dirty or writes.l1 is not None
 
     def _write_metadata(self, writes: _MetadataWrites) -> None:
@@ -776,7 +889,7 @@ class Qcow2Image(BlockDevice):
         past_end: int,
     ) -> list[Extent]:
         with self._lock:
-            self._trim_cache()
+            self._room()
             length = min(length, BLOCK_STATUS_CLUSTERS << self.cluster_bits)
             extents: list[Extent] = []
             for kind, position, count, _ in self._segments(offset, length):
@@ -824,6 +937,10 @@ class Qcow2Image(BlockDevice):
             if self.backing is not None:
                 self.backing.close()
             self._on_close()
+
+
+def _offsets(tables: Iterable[tuple[int, object]]) -> list[int]:
+    return [offset for offset, _ in tables]
 
 
 def _append(segments: list[Segment], segment: Segment) -> None:
