@@ -153,6 +153,7 @@ class Qcow2Image(BlockDevice):
         self.l2_cache = L2Cache(metadata_cache, self.cluster_size, self._load_table)
         # Room kept free at each safe point: what one piece of a write may add (dirty).
         self._reserve = max(1, min(PIECE_TABLES, self.l2_cache.limit // 4))
+        self._piece = self._reserve << (self.l2_bits + self.cluster_bits)  # guest bytes
         self._write_back_tables = max(
             self._reserve, min(self.l2_cache.limit // 8, WRITE_BACK_BYTES // self.cluster_size)
         )
@@ -191,9 +192,6 @@ class Qcow2Image(BlockDevice):
 
     # Mapping
 
-    def _table(self, offset: int) -> array[int]:
-        return self.l2_cache.get(offset)
-
     def _load_table(self, offset: int) -> array[int]:
         if offset % self.cluster_size or offset > MAX_HOST_OFFSET:
             raise OSError(errno.EIO, f"L2 table offset {offset:#x} is invalid")
@@ -204,13 +202,14 @@ class Qcow2Image(BlockDevice):
     def _room(self) -> None:
         """Keep room for `_reserve` more tables: write back dirty ones if they leave none.
         O(1) unless a write-back is due (then O(tables written), amortized over them)."""
-        while excess := self.l2_cache.over(self._reserve):
-            self._write_back(max(excess, self._write_back_tables))
+        cache = self.l2_cache
+        while cache.held + self._reserve > cache.limit:
+            self._write_back(max(cache.over(self._reserve), self._write_back_tables))
 
     def _in_pieces(self, offset: int, length: int, work: Callable[[int, int], None]) -> None:
         """Run `work` on pieces that each touch at most `_reserve` L2 tables, making room
         before each; a piece boundary is a cluster boundary."""
-        step = self._reserve << (self.l2_bits + self.cluster_bits)
+        step = self._piece
         end = offset + length
         position = offset
         while True:
@@ -281,7 +280,7 @@ class Qcow2Image(BlockDevice):
             self._l1_checked[index] = 1
         if not offset:
             return 0, 0
-        table = self._table(offset)
+        table = self.l2_cache.get(offset)
         slot = (cluster & self.l2_mask) * self.words
         return table[slot], table[slot + 1] if self.extended else 0
 
@@ -475,6 +474,10 @@ class Qcow2Image(BlockDevice):
         with self._lock:
             self._refuse_if_corrupt()
             view = memoryview(data).cast("B")
+            if len(view) <= self._piece - offset % self._piece:  # one piece: the common case
+                self._room()
+                self._write(view, offset)
+                return
             self._in_pieces(
                 offset, len(view), lambda at, count: self._write(view[at - offset :][:count], at)
             )
@@ -610,8 +613,8 @@ class Qcow2Image(BlockDevice):
         entry = self.l1[index]
         old = self._l2_offset(index)
         if old and entry & COPIED:
-            return old, self._table(old)
-        table = array("Q", self._table(old)) if old else array("Q", bytes(self.cluster_size))
+            return old, self.l2_cache.get(old)
+        table = array("Q", self.l2_cache.get(old)) if old else array("Q", bytes(self.cluster_size))
         new = self.refcounts.allocate(1)
         self.metadata.add(new >> self.cluster_bits, Kind.L2)
         if old:
