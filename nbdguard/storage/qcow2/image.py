@@ -104,7 +104,7 @@ Segment = tuple[int, int, int, int]  # (kind, guest offset, length, host offset 
 
 L2_CACHE_BYTES = 32 << 20  # the default `metadata_cache`
 PIECE_TABLES = 64  # L2 tables one piece of a long write may touch (room is kept for them)
-WRITE_BACK_BYTES = 1 << 20  # dirty tables written back at once, at most (unless more must)
+WRITE_BACK_BYTES = 1 << 20  # L2 bytes one write-back writes (at least one table): its stall
 BLOCK_STATUS_CLUSTERS = 16384  # clusters examined per BLOCK_STATUS request at most
 ZERO_CHUNK = 1 << 20
 
@@ -152,7 +152,10 @@ class Qcow2Image(BlockDevice):
         self._l1_checked = bytearray(len(self.l1))
         self.l2_cache = L2Cache(metadata_cache, self.cluster_size, self._load_table)
         # Room kept free at each safe point: what one piece of a write may add (dirty).
-        self._reserve = max(1, min(PIECE_TABLES, self.l2_cache.limit // 4))
+        self._reserve = max(
+            1,
+            min(PIECE_TABLES, self.l2_cache.limit // 4, WRITE_BACK_BYTES // self.cluster_size),
+        )
         self._piece = self._reserve << (self.l2_bits + self.cluster_bits)  # guest bytes
         self._write_back_tables = max(
             self._reserve, min(self.l2_cache.limit // 8, WRITE_BACK_BYTES // self.cluster_size)
