@@ -238,6 +238,7 @@ def test_write_back_keeps_flush_order(
     _, host, image = opened
     for index in range(4000):  # a new data cluster in a named table, then in new tables
         image.pwrite(b"\x01", index * SPAN + 20000)
+        image.wait_for_write_back()  # one thread at a time: the log is in issue order
         assert image.l2_cache.bytes <= BUDGET
     assert image.write_backs >= 4
     kinds = kinds_of(image, host.log)
@@ -261,6 +262,7 @@ def test_durable_prefix_at_every_sync_of_a_write_back_is_consistent(
     index = 0
     while image.write_backs < 2:
         image.pwrite(b"\x02", index * SPAN + 20000)
+        image.wait_for_write_back()
         index += 1
     kinds = kinds_of(image, host.log)
     syncs = [at for at, kind in enumerate(kinds) if kind == "sync"]
@@ -344,6 +346,7 @@ def test_kill_after_write_back_leaves_at_most_leaks(tmp_path: Path) -> None:
     image = Qcow2Image(layer.header, HostFile(layer.file), None, None, metadata_cache=BUDGET)
     for index in range(6000):
         image.pwrite(b"\x44", index * SPAN + 20000)
+    image.wait_for_write_back()
     assert image.write_backs > 3 and image.l2_cache.dirty_count > 0
     chain.close()  # no flush, no close(): the server is gone
     checked = qemu_img("check", "-f", "qcow2", str(path))

@@ -16,10 +16,11 @@ where no table is in use: at the start of each request, and between the pieces o
 write (`_in_pieces`), so no request adds more tables than were kept free for it.
 
 All public methods take one lock, since `flush` runs in a worker thread; the flush holds it
-only to capture what to write, not during its writes and syncs. One metadata write is in
-flight at a time, in the order they asked (`_begin_writing`: a flusher looping in a thread
-must not starve a request's write-back or another flush): a flush, or a write-back made
-inside a request, which waits for a running flush to finish first.
+only to capture what to write, not during its writes and syncs; so does a write-back, which
+runs in a worker thread too once the cache nears its limit. One metadata write is in flight
+at a time, in the order they asked (`_take_turn`: a flusher looping in a thread must not
+starve a write-back or another flush). A request writes back itself, under the lock, only
+when the guest dirties tables faster than they are written (back-pressure).
 """
 
 from __future__ import annotations
@@ -160,6 +161,12 @@ class Qcow2Image(BlockDevice):
         self._write_back_tables = max(
             self._reserve, min(self.l2_cache.limit // 8, WRITE_BACK_BYTES // self.cluster_size)
         )
+        # Past half the cache, a write-back in the background brings the dirty tables down
+        # to a quarter, at most this many at once (its capture holds the lock).
+        self._background_tables = max(
+            self._write_back_tables, 4 * WRITE_BACK_BYTES // self.cluster_size
+        )
+        self._background = False  # a background write-back is on its way
         self.write_backs = 0  # metadata write-backs made because the cache was full
         self._inflated: OrderedDict[int, bytes] = OrderedDict()
         self._lock = threading.RLock()
@@ -203,9 +210,13 @@ class Qcow2Image(BlockDevice):
     # L2 cache room (only where no table is in use: see the module docstring)
 
     def _room(self) -> None:
-        """Keep room for `_reserve` more tables: write back dirty ones if they leave none.
-        O(1) unless a write-back is due (then O(tables written), amortized over them)."""
+        """Keep room for `_reserve` more tables. Past half the cache a write-back starts in
+        a worker thread (its syncs must not hold the event loop); only when the guest
+        dirties tables faster than they are written does the request write back itself
+        (back-pressure). O(1) unless it must."""
         cache = self.l2_cache
+        if cache.held > cache.limit // 2:
+            self._start_write_back()
         while cache.held + self._reserve > cache.limit:
             self._write_back(max(cache.over(self._reserve), self._write_back_tables))
 
@@ -224,53 +235,115 @@ class Qcow2Image(BlockDevice):
                 return
 
     def _write_back(self, count: int) -> None:
-        """Write the `count` least recently used dirty tables, in FLUSH's order: data and
-        refcounts durable before the L2 tables that refer to them, those synced before any
-        L1 write refers to them (the next flush's). Frees wait for that flush. Runs under
-        the lock, after any flush in flight has finished (one metadata write at a time)."""
+        """Write the `count` least recently used dirty tables now, under the lock, after
+        any metadata write in flight (which needs the lock to finish: waiting releases it)."""
         assert self.refcounts is not None
-        self._begin_writing()  # may release the lock: a flush in flight needs it to finish
+        self._wait_turn(self._take_turn())
         try:
-            if not self.l2_cache.over(self._reserve):
-                return  # that flush made the room
-            tables = self.l2_cache.take_dirty(count)
-            increments = self.refcounts.take_increments()
-            try:
-                self._write_tables(increments, tables)
-            except BaseException:
-                self.refcounts.give_back(increments)
-                self.l2_cache.written(_offsets(tables), ok=False)
-                raise
-            for offset, clusters in increments.frees:
-                self.refcounts.free_later(offset, clusters)
-            self.l2_cache.written(_offsets(tables), ok=True)
-            self.write_backs += 1
+            if self.l2_cache.over(self._reserve):
+                writes = self._take_write_back(count)
+                try:
+                    self._write_tables(writes)
+                except BaseException:
+                    self._end_write_back(writes, ok=False)
+                    raise
+                self._end_write_back(writes, ok=True)
         finally:
             self._done_writing()
 
-    def _begin_writing(self) -> None:
-        """Under the lock: wait for this writer's turn to write metadata."""
-        ticket = self._next_turn
+    def _start_write_back(self) -> None:
+        """Start a write-back in a worker thread unless one is on its way. Its turn is
+        taken now, so a later flush (close's) waits for it."""
+        if self._background or self.refcounts is None:
+            return
+        self._background = True
+        turn = self._take_turn()
+        threading.Thread(
+            target=self._background_write_back, args=(turn,), name="qcow2-write-back", daemon=True
+        ).start()
+
+    def _background_write_back(self, turn: int) -> None:
+        """Capture under the lock, write without it (requests go on, as during a flush),
+        finish under it. A failure leaves the tables dirty: the next write-back or flush
+        writes them again, and reports the error if it persists."""
+        with self._lock:
+            self._wait_turn(turn)
+            try:
+                want = self.l2_cache.dirty_count - self.l2_cache.limit // 4
+                writes = self._take_write_back(
+                    min(self._background_tables, max(self._write_back_tables, want))
+                )
+            except BaseException:
+                self._background = False
+                self._done_writing()
+                raise
+        ok = False
+        try:
+            if writes.tables:  # else a flush came first: nothing to do
+                self._write_tables(writes)
+                ok = True
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                try:
+                    self._end_write_back(writes, ok=ok)
+                finally:
+                    self._background = False
+                    self._done_writing()
+
+    def wait_for_write_back(self) -> None:
+        """Return once every write-back started so far has finished."""
+        with self._lock:
+            self._wait_turn(self._take_turn())
+            self._done_writing()
+
+    def _take_write_back(self, count: int) -> _MetadataWrites:
+        """What a write-back writes: the `count` least recently used dirty tables (pinned
+        until written) and every refcount change; the L1 waits for a flush."""
+        assert self.refcounts is not None
+        tables = [(offset, table_bytes(table)) for offset, table in self.l2_cache.take_dirty(count)]
+        return _MetadataWrites(self.refcounts.take_increments(), tables, None)
+
+    def _write_tables(self, writes: _MetadataWrites) -> None:
+        """A write-back's I/O, in FLUSH's order: data and refcounts durable before the L2
+        tables that refer to them are written, those synced before any L1 write names them
+        (the next flush's, which may have no tables of its own)."""
+        assert self.refcounts is not None
+        if self.external_data:
+            self.data.sync()  # data before the entries that expose it
+        self.refcounts.write(writes.refcounts)  # synced when it wrote anything
+        if writes.refcounts.empty:
+            self.host.sync()  # guest data in this file before the entries that expose it
+        for offset, table in writes.tables:
+            self.host.write(table, offset)
+        self.host.sync()
+
+    def _end_write_back(self, writes: _MetadataWrites, *, ok: bool) -> None:
+        """Under the lock: written tables are clean, frees wait for the next flush (the L1
+        may still name what they free); otherwise everything taken is dirty again."""
+        assert self.refcounts is not None
+        if not ok:
+            self.refcounts.give_back(writes.refcounts)
+            self.l2_cache.written(_offsets(writes.tables), ok=False)
+            return
+        for offset, clusters in writes.refcounts.frees:
+            self.refcounts.free_later(offset, clusters)
+        self.l2_cache.written(_offsets(writes.tables), ok=True)
+        self.write_backs += 1
+
+    def _take_turn(self) -> int:
+        """Under the lock: a ticket for a turn to write metadata, first come first served."""
         self._next_turn += 1
-        while self._serving != ticket:
+        return self._next_turn - 1
+
+    def _wait_turn(self, turn: int) -> None:
+        while self._serving != turn:
             self._turns.wait()
 
     def _done_writing(self) -> None:
         self._serving += 1
         self._turns.notify_all()
-
-    def _write_tables(
-        self, increments: RefcountWrites, tables: list[tuple[int, array[int]]]
-    ) -> None:
-        assert self.refcounts is not None
-        if self.external_data:
-            self.data.sync()  # data before the entries that expose it
-        self.refcounts.write(increments)  # synced when it wrote anything
-        if increments.empty:
-            self.host.sync()  # guest data in this file before the entries that expose it
-        for offset, table in tables:
-            self.host.write(table_bytes(table), offset)
-        self.host.sync()  # before a later L1 write (whose flush may have no tables) names them
 
     def _entry(self, cluster: int) -> tuple[int, int]:
         index = cluster >> self.l2_bits
@@ -787,7 +860,7 @@ class Qcow2Image(BlockDevice):
         if self.refcounts is None:
             return
         with self._lock:
-            self._begin_writing()
+            self._wait_turn(self._take_turn())
             try:
                 writes = self._take_metadata()
             except BaseException:
