@@ -448,3 +448,50 @@ def test_the_export_budget_is_shared_by_its_qcow2_layers(tmp_path: Path) -> None
     assert isinstance(alone, Qcow2Image)
     assert alone.l2_cache.limit == (32 * MiB) // (64 << 10)  # the default, one layer
     alone.close()
+
+
+class GatedHost(HostFile):
+    """A host file whose syncs outside the main thread wait until the test opens a gate."""
+
+    def __init__(self, file: OpenedFile) -> None:
+        super().__init__(file)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def sync(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            self.entered.set()
+            self.gate.wait()
+        super().sync()
+
+
+@qemu
+def test_write_back_runs_beside_requests_not_in_them(tmp_path: Path) -> None:
+    """Past half the cache a write-back starts in a worker thread; while its sync is held
+    up, requests go on (none waits for it) until the cache really is full."""
+    path = tmp_path / "top.qcow2"
+    make_image(path, 3000)
+    chain = resolve_chain(ExportConfig(name="t", path=path, format="qcow2"))
+    layer = chain.layers[0]
+    assert layer.header is not None
+    host = GatedHost(layer.file)
+    image = Qcow2Image(layer.header, host, None, None, metadata_cache=BUDGET)
+    try:
+        for index in range(TABLES // 2 + 1):
+            image.pwrite(b"\x07", index * SPAN)
+        image.pread(0, 1)  # the next request starts the write-back
+        assert host.entered.wait(10)
+        held = image.l2_cache.held
+        for index in range(TABLES // 2 + 1, TABLES // 2 + 801):
+            image.pwrite(b"\x08", index * SPAN)  # would hang if it waited for that sync
+        assert image.write_backs == 0 and image.l2_cache.held == held + 800
+        host.gate.set()
+        image.wait_for_write_back()
+        assert image.write_backs >= 1 and image.l2_cache.held <= held + 800 - TABLES // 4
+        image.flush()
+    finally:
+        host.gate.set()
+        image.close()
+        chain.close()
+    checked = qemu_img("check", "-f", "qcow2", str(path))
+    assert checked.returncode == 0, checked.stdout
