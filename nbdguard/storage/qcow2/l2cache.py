@@ -11,9 +11,10 @@ set so no operation walks the tables of another state:
 
 Every operation is O(1) per table it touches; nothing is proportional to how many tables
 are cached or dirty. The cache never grows past `limit` tables on its own: inserting into
-a full cache evicts the least recently used clean table. Callers keep room for the tables
-a piece of work may add (`over` / `evict`) at points where no table is in use; a cache
-whose held (dirty or pinned) tables leave no room must be written back first.
+a full cache evicts the least recently used clean table. What it cannot evict is the
+caller's to write back: before a piece of work that may add `reserve` tables, at a point
+where no table is in use, the caller writes back the `over(reserve)` dirty tables it asks
+for (`take_dirty`, then `written`), so an insert always finds a clean table to drop.
 """
 
 from __future__ import annotations
