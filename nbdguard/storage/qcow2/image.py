@@ -327,6 +327,7 @@ class Qcow2Image(BlockDevice):
             self.refcounts.give_back(writes.refcounts)
             self.l2_cache.written(_offsets(writes.tables), ok=False)
             return
+        self.refcounts.apply_frees([])  # ends the refcount blocks' flight, frees none
         for offset, clusters in writes.refcounts.frees:
             self.refcounts.free_later(offset, clusters)
         self.l2_cache.written(_offsets(writes.tables), ok=True)
