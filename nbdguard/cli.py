@@ -25,10 +25,17 @@ from nbdguard.errors import NbdguardError
 from nbdguard.inspection import inspect_chain, pin_stanza
 from nbdguard.observability.logging import configure_logging, get_logger
 from nbdguard.server.app import Server
+from nbdguard.server.exports import CloseFailed
 from nbdguard.server.malloc import keep_freed_buffers
 from nbdguard.storage.stack import build_device
 
 SCRATCH_SIZE = 1 << 30
+
+# Exit statuses of `serve` (README, "Exit statuses"); 3 is app.EXIT_FORCED.
+EXIT_OK = 0
+EXIT_FAILED = 1  # could not start (or a fatal error while serving)
+EXIT_CONFIG = 2  # the config file is invalid
+EXIT_CLOSE_FAILED = 4  # stopped, but an export failed to flush or close (see the log)
 DEFAULT_TCP = "tcp://127.0.0.1:10809"
 
 
@@ -65,7 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = with_overrides(config, listen=args.listen, metrics_listen=args.metrics_listen)
     except ConfigError as err:
         print(f"nbdguard: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     configure_logging(args.log_format or config.server.log_format, config.server.log_level)
     log = get_logger()
     if config.source is None:
@@ -78,10 +85,12 @@ def _serve(args: argparse.Namespace) -> int:
     keep_freed_buffers()
     try:
         uvloop.run(_run(config))
+    except CloseFailed:
+        return EXIT_CLOSE_FAILED  # each failure was logged as export.close_failed
     except NbdguardError as err:
         log.error("server.failed", error=str(err))
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 async def _run(config: Config) -> None:

@@ -125,6 +125,17 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        self.http_refused = Counter(
+            "nbdguard_http_connections_refused",
+            "Operator-endpoint (HTTP) connections closed at once: the connection cap was reached.",
+            registry=r,
+        )
+        self.http_errors = Counter(
+            "nbdguard_http_errors",
+            "Operator-endpoint (HTTP) connections ended by an error (reset, timeout, malformed).",
+            ["reason"],
+            registry=r,
+        )
         self.build_info = Gauge("nbdguard_build_info", "nbdguard version.", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)
 

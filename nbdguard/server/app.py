@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 from dataclasses import replace
@@ -18,8 +19,15 @@ from nbdguard.observability.logging import get_logger
 from nbdguard.observability.metrics import Metrics
 from nbdguard.protocol.handshake import HandshakeLimits
 from nbdguard.server import listeners
+from nbdguard.server.admission import Admission
 from nbdguard.server.connection import Connection
-from nbdguard.server.exports import Export, ExportRegistry, open_export
+from nbdguard.server.exports import (
+    CloseFailed,
+    CloseFailure,
+    Export,
+    ExportRegistry,
+    open_export,
+)
 from nbdguard.server.tls import server_context
 
 SHUTDOWN_GRACE = 30.0
@@ -39,7 +47,13 @@ class Server:
         self.handshake_timeout = config.server.handshake_timeout
         self.max_connections = config.server.max_connections
         self.connections: set[Connection] = set()
+        self.admission = Admission(
+            config.server.max_connections,
+            config.server.max_connections_per_client,
+            config.server.evict_idle_after,
+        )
         self._listeners: list[asyncio.Server] = []
+        self._socket_files: list[listeners.SocketFile] = []  # ours to remove at close
         self._stop = asyncio.Event()
         self.metrics = Metrics()
         self.debug = config.server.log_level == "debug"
@@ -60,8 +74,12 @@ class Server:
             self.registry = ExportRegistry(self._open_exports())
             self._start_metrics()
             for address in self.config.server.listen:
-                server = await listeners.listen(address, self._factory(str(address)))
-                self._add_listener(server)
+                listener = await listeners.listen(
+                    address, self._factory(str(address)), socket_mode=self.config.server.socket_mode
+                )
+                if listener.socket_file is not None:
+                    self._socket_files.append(listener.socket_file)
+                self._add_listener(listener.server)
             for sock in listeners.inherited_sockets():
                 server = await listeners.listen_on(sock, self._factory("systemd"))
                 self._add_listener(server, activated=True)
@@ -73,7 +91,7 @@ class Server:
         except BaseException:
             self._remove_signal_handlers()
             await self._close_listeners()
-            self.registry.close_all()
+            self._report_close_failures(self.registry.close_all())
             raise
 
     def _add_listener(self, server: asyncio.Server, *, activated: bool = False) -> None:
@@ -171,7 +189,13 @@ class Server:
             self._endpoint = OperatorEndpoint(host, port, self.metrics, self.health)
         except OSError as err:
             raise NbdguardError(f"cannot serve metrics on {host}:{port}: {err.strerror}") from err
-        self.log.info("metrics.listening", address=f"{host}:{self._endpoint.port}")
+        limits = self._endpoint.limits
+        self.log.info(
+            "metrics.listening",
+            address=f"{host}:{self._endpoint.port}",
+            max_connections=limits.max_connections,
+            request_timeout=limits.request_timeout,
+        )
 
     def health(self) -> tuple[bool, str]:
         """Healthy when every configured export is open and every listener accepts.
@@ -282,6 +306,9 @@ class Server:
         self.log.info("config.reloaded", **{k: sorted(v) for k, v in report.items()})
 
     async def shutdown(self) -> None:
+        """Stop accepting, drain, then flush and close every export, even past one that
+        fails (ENOSPC or EIO on a qcow2 table, say): each failure is logged with its export
+        and step, and CloseFailed is raised at the very end so the exit status says so."""
         self._stopping = True
         for server in self._listeners:
             server.close()
@@ -294,18 +321,36 @@ class Server:
             for connection in connections:
                 if connection.transport is not None and not connection.closed.done():
                     connection.transport.abort()
+        failures: list[CloseFailure] = []
         for export in self.registry.exports.values():
             try:
                 await asyncio.to_thread(export.device.flush)
-            except OSError as err:
-                self.log.error("export.flush_failed", export=export.name, error=str(err))
+            except Exception as err:  # logged below; the others still close
+                failures.append(CloseFailure(export.name, "flush", err))
         await self._close_listeners()
         for export in self.registry.exports.values():
             export.metrics.closed()
-        self.registry.close_all()
+        failures += self.registry.close_all()
+        self._report_close_failures(failures)
         if self._endpoint is not None:
             self._endpoint.close()
-        self.log.info("server.stopped")
+        self.log.info("server.stopped", failed_exports=sorted({f.export for f in failures}))
+        if failures:
+            raise CloseFailed(failures)
+
+    def _report_close_failures(self, failures: list[CloseFailure]) -> None:
+        for failure in failures:
+            err = failure.error
+            self.log.error(
+                "export.close_failed",
+                export=failure.export,
+                step=failure.step,
+                error=str(err),
+                errno=errno.errorcode.get(err.errno, err.errno)
+                if isinstance(err, OSError) and err.errno is not None
+                else None,
+                error_type=type(err).__name__,
+            )
 
     async def _close_listeners(self) -> None:
         for server in self._listeners:
@@ -315,5 +360,11 @@ class Server:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), timeout=1.0)
         self._listeners.clear()
-        for address in self.config.server.listen:
-            listeners.remove_unix_socket(address)
+        for socket_file in self._socket_files:
+            if not listeners.remove_socket_file(socket_file) and os.path.lexists(socket_file.path):
+                self.log.warning(
+                    "server.socket_kept",
+                    path=socket_file.path,
+                    message="the path now names another socket: left in place",
+                )
+        self._socket_files.clear()

@@ -20,6 +20,7 @@ from nbdguard.protocol.handshake import Handshake, HandshakeClosed, HandshakeDon
 from nbdguard.protocol.transmission import ProtocolViolation, Request, RequestParser
 from nbdguard.protocol.validate import SessionLimits
 from nbdguard.server.access import ClientIdentity, ClientView
+from nbdguard.server.admission import certificate_key, client_key
 from nbdguard.server.dispatch import Dispatcher
 from nbdguard.server.output import Piece, ReplyWriter
 
@@ -72,15 +73,10 @@ class Connection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.log = self.log.bind(client=_format_peer(peer))
         self.client = ClientIdentity.from_peer(peer)
-        if len(self.server.connections) >= self.server.max_connections:
-            self.server.metrics.limit_hit("max_connections")
-            self.log.warning(
-                "connection.refused",
-                limit="max_connections",
-                max_connections=self.server.max_connections,
-            )
-            self.handshake = None
-            transport.abort()
+        key = client_key(self.client, transport.get_extra_info("socket"))
+        refused = self.server.admission.admit(self, key, self._loop.time())
+        if refused is not None:
+            self._refuse(refused, key)
             return
         self.server.connections.add(self)
         _size_send_buffer(transport, self.server.config.server.send_buffer)
@@ -115,6 +111,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._deadline is not None:
             self._deadline.cancel()
         self.server.connections.discard(self)
+        self.server.admission.release(self)
         self._backlog.clear()
         if self.handshake is not None:
             self._handshake_failed("disconnected", "client closed during the handshake", clean=True)
@@ -194,6 +191,10 @@ class Connection(asyncio.BufferedProtocol):
         self.client.set_certificate(transport.get_extra_info("peercert"))
         self.log = self.log.bind(tls=True, client_cert=self.client.describe() or None)
         self.log.info("connection.tls")
+        key = certificate_key(self.client)
+        if key is not None and (refused := self.server.admission.rekey(self, key)) is not None:
+            self._refuse(refused, key)
+            return
         self.handshake.tls_established()
 
     def _enter_transmission(self, done: HandshakeDone) -> None:
@@ -230,9 +231,9 @@ class Connection(asyncio.BufferedProtocol):
         self.log.info(
             "connection.ready", structured_replies=done.structured_replies, flags=done.flags
         )
+        self._last_request = self._loop.time()
         idle_timeout = self.server.config.server.idle_timeout
         if idle_timeout:
-            self._last_request = self._loop.time()
             self._idle_timer = self._loop.call_later(idle_timeout, self._check_idle)
         if done.leftover:
             self._serve_all(self._parse(lambda parser: parser.receive(done.leftover)))
@@ -251,6 +252,36 @@ class Connection(asyncio.BufferedProtocol):
         self.log.info("connection.idle_timeout", idle_seconds=round(idle, 3))
         if self.transport is not None:
             self.transport.close()
+
+    def idle_since(self) -> float | None:
+        """When the last request arrived, if the connection is in transmission with nothing
+        in flight: no request being served or waiting, no reply unsent, no payload arriving
+        (admission may then evict it)."""
+        dispatcher, writer, parser = self.dispatcher, self._writer, self.parser
+        if dispatcher is None or writer is None or parser is None or self._closer is not None:
+            return None
+        if dispatcher.tasks or self._backlog or parser.awaiting_payload:
+            return None
+        if self._write_paused or writer.blocked or writer.buffered():
+            return None
+        return self._last_request
+
+    def evict(self, idle_seconds: float) -> None:
+        """Give the slot to a new connection. Nothing is in flight (idle_since) and NBD has
+        no server-initiated disconnect message: closing the transport is the clean end."""
+        self.server.metrics.limit_hit("evicted_idle")
+        self.log.info("connection.evicted", idle_seconds=round(idle_seconds, 3))
+        if self.transport is not None:
+            self.transport.close()
+
+    def _refuse(self, limit: str, key: str) -> None:
+        """Admission said no: count, log and drop the connection before it is served."""
+        self.server.metrics.limit_hit(limit)
+        value = self.server.admission.limit(limit)
+        self.log.warning("connection.refused", limit=limit, client_key=key, **{limit: value})
+        self.handshake = None
+        if self.transport is not None:
+            self.transport.abort()
 
     def _limit_hit(self, limit: str, export: str) -> None:
         self.server.metrics.limit_hit(limit)
@@ -272,8 +303,7 @@ class Connection(asyncio.BufferedProtocol):
     # -- transmission ----------------------------------------------------------------
 
     def _receive_requests(self, nbytes: int) -> None:
-        if self._idle_timer is not None:
-            self._last_request = self._loop.time()
+        self._last_request = self._loop.time()  # idle_timeout and eviction measure from it
         self._serve_all(self._parse(lambda parser: parser.buffer_updated(nbytes)))
         parser = self.parser
         if parser is not None and not self._backlog:

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from nbdguard.config import ExportConfig
+from nbdguard.errors import NbdguardError
 from nbdguard.observability.metrics import ExportMetrics
 from nbdguard.observability.reporter import ExportReporter
 from nbdguard.protocol.constants import (
@@ -119,6 +120,33 @@ class ExportRegistry:
         export = self._exports.get(name)
         return export.info if export is not None else None
 
-    def close_all(self) -> None:
+    def close_all(self) -> list[CloseFailure]:
+        """Close every export, even past one whose close raises: a failed metadata write on
+        one image must not leave the others open. The failures are returned, to be reported
+        by the caller (who may be unwinding another error)."""
+        failures = []
         for export in self._exports.values():
-            export.close()
+            try:
+                export.close()
+            except Exception as err:  # reported by the caller, never lost
+                failures.append(CloseFailure(export.name, "close", err))
+        return failures
+
+
+@dataclass(frozen=True, slots=True)
+class CloseFailure:
+    """One export whose flush or close at shutdown raised (ENOSPC on a qcow2 table, EIO…)."""
+
+    export: str
+    step: str  # "flush" or "close"
+    error: Exception
+
+
+class CloseFailed(NbdguardError):
+    """Raised by the server's shutdown once every export was flushed and closed as far as it
+    could be, and each failure logged: the process must exit with a status that says so."""
+
+    def __init__(self, failures: list[CloseFailure]) -> None:
+        self.failures = failures
+        names = sorted({failure.export for failure in failures})
+        super().__init__(f"export(s) failed to flush or close: {', '.join(names)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from nbdguard.config import DEFAULT_METADATA_CACHE, ExportConfig
 from nbdguard.errors import ChainRefused, ExportOpenError, Qcow2Corrupt
+from nbdguard.guard.datafile import DataFileGuard, GuardedDataFile
 from nbdguard.guard.sector0 import GuardPolicy, Sector0Guard
 from nbdguard.observability.reporter import ExportReporter
 from nbdguard.storage.chain import Chain, ChainLayer, resolve_chain
@@ -18,25 +19,33 @@ def build_device(config: ExportConfig, reporter: ExportReporter | None = None) -
     """Open the export's stack; refuse (ExportOpenError) anything that is not safe to serve.
     Layers report what they find through `reporter` (none: logged without metrics)."""
     reporter = reporter or ExportReporter(config.name)
+    policy = (
+        None
+        if config.header_guard == "off"
+        else GuardPolicy(config.header_guard, config.allow_headers)
+    )
     chain = resolve_chain(config)
     try:
-        device = chain_device(chain, reporter, metadata_cache=config.metadata_cache)
+        device = chain_device(chain, reporter, policy, metadata_cache=config.metadata_cache)
     except BaseException:
         chain.close()
         raise
-    if config.format != "raw" or config.header_guard == "off":
+    top = chain.layers[0]
+    if policy is None or (config.format != "raw" and top.data_file is None):
         return device
-    return _guarded(config, device, chain.layers[0], reporter)
+    return _guarded(config, policy, device, top, reporter)
 
 
 def chain_device(
     chain: Chain,
     reporter: ExportReporter | None = None,
+    policy: GuardPolicy | None = None,
     *,
     metadata_cache: int = DEFAULT_METADATA_CACHE,
 ) -> BlockDevice:
-    """Format drivers stacked bottom-up over the chain's open files. The export's
-    `metadata_cache` is shared evenly by its qcow2 layers."""
+    """Format drivers stacked bottom-up over the chain's open files. With a `policy`, the
+    top layer's external data file is written through the sector-zero backstop. The
+    export's `metadata_cache` is shared evenly by its qcow2 layers."""
     reporter = reporter or ExportReporter(chain.export)
     share = metadata_cache // max(1, sum(layer.format == "qcow2" for layer in chain.layers))
     device: BlockDevice | None = None
@@ -44,7 +53,8 @@ def chain_device(
         if layer.format == "raw":
             device = RawImage(layer.file)
         else:
-            device = _qcow2(chain, layer, device, reporter, share)
+            guard = policy if layer.index == 0 else None
+            device = _qcow2(chain, layer, device, reporter, guard, metadata_cache=share)
     assert device is not None
     return device
 
@@ -54,11 +64,20 @@ def _qcow2(
     layer: ChainLayer,
     backing: BlockDevice | None,
     reporter: ExportReporter,
+    policy: GuardPolicy | None,
+    *,
     metadata_cache: int,
 ) -> Qcow2Image:
     assert layer.header is not None
     host = HostFile(layer.file)
-    data = HostFile(layer.data_file) if layer.data_file is not None else None
+    data: HostFile | None = None
+    if layer.data_file is not None:
+        writable = not layer.data_file.read_only
+        data = (
+            GuardedDataFile(layer.data_file, policy)
+            if policy is not None and writable
+            else HostFile(layer.data_file)
+        )
 
     def on_corrupt(err: Qcow2Corrupt) -> None:
         reporter.qcow2_corrupt(
@@ -89,23 +108,26 @@ def _qcow2(
 
 def _guarded(
     config: ExportConfig,
-    raw: BlockDevice,
+    policy: GuardPolicy,
+    device: BlockDevice,
     layer: ChainLayer,
     reporter: ExportReporter,
 ) -> BlockDevice:
-    policy = GuardPolicy(config.header_guard, config.allow_headers)
-    guard = Sector0Guard(
-        raw,
-        policy,
-        file_lock=SectorLock(layer.file.fd),
-        on_rmw=reporter.count_rmw,
-        on_lock_timeout=reporter.sector_lock_timeout,
+    """The sector-zero guard over a raw export, or over a qcow2 export whose top layer has
+    an external data file (see nbdguard.guard.datafile): the file whose sector 0 a prober
+    would read is the raw image, or the data file."""
+    raw = layer.data_file if layer.data_file is not None else layer.file
+    hooks = {"on_rmw": reporter.count_rmw, "on_lock_timeout": reporter.sector_lock_timeout}
+    guard = (
+        DataFileGuard(device, policy, raw, file_lock=SectorLock(raw.fd), **hooks)
+        if layer.data_file is not None
+        else Sector0Guard(device, policy, file_lock=SectorLock(raw.fd), **hooks)
     )
     existing = guard.existing_header()
     if existing is not None and config.on_existing_header == "refuse":
         guard.close()
         raise ExportOpenError(
-            f"export {config.name!r}: sector 0 of {str(layer.file.path)!r} already holds a "
+            f"export {config.name!r}: sector 0 of {str(raw.path)!r} already holds a "
             f"{existing} header (header_guard = {config.header_guard!r}, "
             'on_existing_header = "refuse")',
             reason="existing_header",

@@ -275,3 +275,37 @@ def test_existing_header_gauge(tmp_path: Path) -> None:
     gauge = server.sample("nbdguard_export_existing_header", export="old", format="vhdx")
     assert server.stop() == 0
     assert gauge == 1
+
+
+def test_qcow2_external_raw_data_file_is_guarded(tmp_path: Path) -> None:
+    """A guest header aimed at a qcow2 export's external raw data file (guest offset 0 is
+    data-file offset 0) is refused and audited like a raw export's (issue 13 item 6)."""
+    require("qemu-img", "qemu-io")
+    directory = tmp_path / "df"
+    directory.mkdir()
+    image, data = directory / "t.qcow2", directory / "d.raw"
+    options = f"data_file={data},data_file_raw=on"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", options, str(image), "4M")
+    server = start_server(directory, [ExportSpec("dq", image=image, format="qcow2")], metrics=True)
+    try:
+        source = tmp_path / "hdr.bin"
+        source.write_bytes(QEMU_HEADERS["qcow2"])
+        uri = server.uri("dq")
+        result = run("qemu-io", "-f", "raw", "-c", f"write -s {source} 0 512", uri, check=False)
+        assert "Operation not permitted" in result.stdout + result.stderr
+        h = connect(server, "dq")
+        assert refused(h.pwrite, QEMU_HEADERS["vmdk"] + bytes(3584), 0)
+        h.shutdown()
+        assert data.read_bytes()[:4096] == bytes(4096)
+        blocked = "nbdguard_header_writes_blocked_total"
+        assert server.sample(blocked, export="dq", format="qcow2", command="write") == 1
+        assert server.sample(blocked, export="dq", format="vmdk", command="write") == 1
+        ok = run("qemu-io", "-f", "raw", "-c", "write -P 0x55 0 512", uri)
+        assert "wrote 512/512" in ok.stdout
+    finally:
+        assert server.stop() == 0, server.log()
+    events = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    audit = [e for e in events if e["event"] == "guard.header_write_blocked"]
+    assert [(e["export"], e["format"]) for e in audit] == [("dq", "qcow2"), ("dq", "vmdk")]
+    assert data.read_bytes()[:512] == b"\x55" * 512
+    assert probed_format(data) == "raw"

@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.conftest import ROOT, ExportSpec, free_port, require, run, start_server
+from tests.interop.conftest import (
+    ROOT,
+    ExportSpec,
+    RunningServer,
+    free_port,
+    require,
+    run,
+    start_server,
+    write_config,
+)
+from tests.interop.conftest import _wait_ready as wait_ready
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
 pytestmark = pytest.mark.interop
@@ -168,3 +178,105 @@ def test_several_listeners_including_ipv6(tmp_path: Path) -> None:
         process.communicate(timeout=20)
     assert process.returncode == 0
     assert not (tmp_path / "a.sock").exists()  # sockets are removed on exit
+
+
+def _reachable(socket_path: Path, export: str = "vm1") -> bytes:
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///{export}?socket={socket_path}")
+    try:
+        return bytes(h.pread(512, 0))
+    finally:
+        h.shutdown()
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    info = os.lstat(path)
+    return info.st_dev, info.st_ino
+
+
+@pytest.mark.parametrize("clash", ["same_config", "same_socket", "same_port"])
+def test_a_second_server_that_fails_to_start_leaves_the_first_reachable(
+    tmp_path: Path, clash: str
+) -> None:
+    """Same config (its export is locked), or another image on the same Unix socket (live),
+    or on the same TCP port (after binding its own Unix socket, which it removes): the
+    second server fails with the reason and the first one's socket is untouched."""
+    server = start_server(tmp_path / "srv", [ExportSpec("vm1", size=1 << 20, fill=b"\x11" * 512)])
+    config = tmp_path / "srv" / "nbdguard.toml"
+    before = _identity(server.socket_path)
+    other = tmp_path / "other.toml"
+    text = config.read_text().replace(str(server.images["vm1"]), str(tmp_path / "o.raw"))
+    (tmp_path / "o.raw").write_bytes(bytes(1 << 20))
+    expected = {
+        "same_config": "locked",
+        "same_socket": "another server is using it",
+        "same_port": f"cannot listen on tcp://127.0.0.1:{server.port}",
+    }[clash]
+    if clash == "same_config":
+        other = config
+    elif clash == "same_socket":
+        other.write_text(text.replace(f"tcp://127.0.0.1:{server.port}", "tcp://127.0.0.1:0"))
+    else:
+        other.write_text(text.replace(str(server.socket_path), str(tmp_path / "o.sock")))
+    result = nbdguard("serve", "--config", str(other))
+    assert result.returncode == 1, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o.sock").exists()  # its own socket, bound and then removed
+    assert _identity(server.socket_path) == before
+    assert _reachable(server.socket_path) == b"\x11" * 512
+    assert server.stop() == 0
+    assert not server.socket_path.exists()
+
+
+def _start_on(socket_path: Path, directory: Path, spec: ExportSpec) -> RunningServer:
+    """A server like start_server's, whose Unix socket is `socket_path`."""
+    directory.mkdir()
+    image = spec.image_path(directory)
+    image.write_bytes(spec.fill.ljust(spec.size, b"\0"))
+    port = free_port()
+    config = write_config(directory, [spec], port)
+    config.write_text(config.read_text().replace(str(directory / "nbd.sock"), str(socket_path)))
+    log_path = directory / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nbdguard", "serve", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    running = RunningServer(process, directory, socket_path, port, {spec.name: image}, log_path)
+    wait_ready(running)
+    return running
+
+
+def test_a_server_leaves_a_socket_that_replaced_its_own(tmp_path: Path) -> None:
+    """Its socket file was removed and another server bound the path: at exit the first
+    server removes nothing and says so; the second stays reachable."""
+    first = start_server(tmp_path / "a", [ExportSpec("vm1", size=1 << 20)])
+    first.socket_path.unlink()
+    second = _start_on(
+        first.socket_path, tmp_path / "b", ExportSpec("vm1", size=1 << 20, fill=b"\x22" * 512)
+    )
+    try:
+        assert first.stop() == 0, first.log()
+        assert "server.socket_kept" in first.log()
+        assert _reachable(second.socket_path) == b"\x22" * 512
+    finally:
+        assert second.stop() == 0, second.log()
+    assert not second.socket_path.exists()
+
+
+@pytest.mark.parametrize(("configured", "expected"), [(None, 0o660), ("0600", 0o600)])
+def test_unix_socket_mode_under_umask_000(
+    tmp_path: Path, configured: str | None, expected: int
+) -> None:
+    keys = {} if configured is None else {"socket_mode": configured}
+    previous = os.umask(0)  # the server inherits it
+    try:
+        server = start_server(tmp_path / "srv", [ExportSpec("vm1", size=1 << 20)], **keys)
+    finally:
+        os.umask(previous)
+    try:
+        assert os.lstat(server.socket_path).st_mode & 0o777 == expected
+    finally:
+        assert server.stop() == 0

@@ -157,7 +157,11 @@ def test_option_limits_are_configurable(tmp_path: Path) -> None:
 
 def test_slow_loris_clients_are_cut_off_and_others_served(tmp_path: Path) -> None:
     server = start_server(
-        tmp_path / "s", [ExportSpec("vm1", size=1 << 20)], handshake_timeout=1, metrics=True
+        tmp_path / "s",
+        [ExportSpec("vm1", size=1 << 20)],
+        handshake_timeout=1,
+        metrics=True,
+        max_connections_per_client=1000,  # one uid: the per-client limit is tested elsewhere
     )
     session = struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 7, 4) + b"\0\0\0\0"
     slow = []
@@ -192,7 +196,11 @@ def test_slow_loris_clients_are_cut_off_and_others_served(tmp_path: Path) -> Non
 
 def test_connection_flood_is_refused_beyond_the_limit(tmp_path: Path) -> None:
     server = start_server(
-        tmp_path / "s", [ExportSpec("vm1", size=1 << 20)], max_connections=50, metrics=True
+        tmp_path / "s",
+        [ExportSpec("vm1", size=1 << 20)],
+        max_connections=50,
+        metrics=True,
+        max_connections_per_client=1000,  # one address: the per-client limit is tested elsewhere
     )
     flood = []
     for _ in range(300):

@@ -113,8 +113,14 @@ def test_healthz_and_request_metrics(observed: RunningServer) -> None:
 
 
 def test_handshake_failures_are_counted_and_logged(observed: RunningServer) -> None:
-    _, before = observed.scrape()
-    probes = sample(before, "nbdguard_handshake_failures_total", reason="disconnected") or 0
+    # start_server's readiness probe connected once and left: wait until it is counted,
+    # or it may land after `before` on a loaded machine
+    probes = 0.0
+    deadline = time.monotonic() + 10
+    while not probes and time.monotonic() < deadline:
+        _, before = observed.scrape()
+        probes = sample(before, "nbdguard_handshake_failures_total", reason="disconnected") or 0
+        time.sleep(0.05)
     with socket.socket(socket.AF_UNIX) as raw:
         raw.connect(str(observed.socket_path))
         raw.recv(18)
