@@ -151,7 +151,10 @@ class Qcow2Image(BlockDevice):
         # L1 entries found valid (checked once: what they name stays an L2 table until the
         # entry itself changes, and the engine's own entries are valid by construction)
         self._l1_checked = bytearray(len(self.l1))
-        self.l2_cache = L2Cache(metadata_cache, self.cluster_size, self._load_table)
+        # metadata_cache bounds both caches: most for L2 tables (each maps far less than a
+        # refcount block counts), the rest for refcount blocks.
+        l2_bytes = metadata_cache * 3 // 4
+        self.l2_cache = L2Cache(l2_bytes, self.cluster_size, self._load_table)
         # Room kept free at each safe point: what one piece of a write may add (dirty).
         self._reserve = max(
             1,
@@ -186,7 +189,11 @@ class Qcow2Image(BlockDevice):
                 header.refcount_table_clusters * self.cluster_size,
             ),
         )
-        self.refcounts = Refcounts(host, header, self.metadata) if writable else None
+        self.refcounts = (
+            Refcounts(host, header, self.metadata, cache_bytes=metadata_cache - l2_bytes)
+            if writable
+            else None
+        )
         self._reuse_epoch = 0  # counts flushes that freed clusters (see read_range)
         self.capabilities = Capabilities(
             read_only=not writable,
