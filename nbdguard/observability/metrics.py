@@ -175,6 +175,8 @@ class ExportMetrics:
         self.other = CommandStats()
         self.errors: dict[tuple[str, int], int] = {}
         self.in_flight = 0
+        self.buffered_bytes = 0  # held by this export's connections (budget.py)
+        self.throttled_seconds = 0.0  # spent by them not being read, at their byte budget
         self._connections = metrics.connections.labels(export=export)
         self._connections_total = metrics.connections_total.labels(export=export)
         rmw = metrics.sector0_rmw.labels(export=export)
@@ -229,6 +231,12 @@ class ExportMetrics:
     def written_bytes(self) -> int:
         return self.commands[_WRITE].bytes
 
+    def buffered(self, delta: int) -> None:
+        self.buffered_bytes += delta
+
+    def throttled(self, seconds: float) -> None:
+        self.throttled_seconds += seconds
+
     def blocked(self, detected_format: str, command: str) -> None:
         self.metrics.header_writes_blocked.labels(
             export=self.export, format=detected_format, command=command
@@ -281,6 +289,16 @@ class _RequestCollector(Collector):
             "Requests received and not yet answered.",
             labels=["export"],
         )
+        buffered = GaugeMetricFamily(
+            "nbdguard_buffered_bytes",
+            "Reply and payload bytes held in memory for the export's connections.",
+            labels=["export"],
+        )
+        throttled = CounterMetricFamily(
+            "nbdguard_throttled_seconds",
+            "Time the export's connections were not read because they held their byte budget.",
+            labels=["export"],
+        )
         for export in list(self._metrics.exports):
             name = export.export
             items = [(command_label(code), st) for code, st in export.commands.items()]
@@ -297,4 +315,6 @@ class _RequestCollector(Collector):
             read.add_metric([name], export.read_bytes)
             written.add_metric([name], export.written_bytes)
             in_flight.add_metric([name], export.in_flight)
-        return [requests, errors, latency, read, written, in_flight]
+            buffered.add_metric([name], export.buffered_bytes)
+            throttled.add_metric([name], export.throttled_seconds)
+        return [requests, errors, latency, read, written, in_flight, buffered, throttled]
