@@ -160,7 +160,7 @@ def test_defaults(tmp_path: Path) -> None:
             description="",
             header_guard="qemu",
             allow_headers=frozenset(),
-            on_existing_header="warn",
+            on_existing_header="refuse",  # a header already there takes an explicit "warn"
         ),
     )
     assert config.export("") is config.exports[0]
@@ -318,12 +318,14 @@ def test_name_and_description_are_limited_to_4096_utf8_bytes(tmp_path: Path) -> 
         assert len(problem) < 300  # a long name is not repeated in full
 
 
-@pytest.mark.parametrize("key", ["header_guard", "allow_headers", "on_existing_header"])
-def test_guard_keys_on_a_qcow2_export_are_errors(tmp_path: Path, key: str) -> None:
-    value = {"header_guard": '"qemu"', "allow_headers": "[]", "on_existing_header": '"warn"'}
-    text = f'[[exports]]\nname = "q"\npath = "q"\nformat = "qcow2"\n{key} = {value[key]}\n'
-    problem = one_problem(tmp_path, text)
-    assert f'exports[0] ("q"): key "{key}": applies to raw exports only' in problem
+def test_guard_keys_apply_to_a_qcow2_export_for_its_data_file(tmp_path: Path) -> None:
+    text = (
+        '[[exports]]\nname = "q"\npath = "q"\nformat = "qcow2"\nheader_guard = "strict"\n'
+        'allow_headers = ["luks"]\non_existing_header = "warn"\n'
+    )
+    export = load_config(write(tmp_path, text)).exports[0]
+    assert (export.header_guard, export.on_existing_header) == ("strict", "warn")
+    assert export.allow_headers == frozenset({"luks"})
 
 
 def test_duplicate_export_names_point_at_the_first_use(tmp_path: Path) -> None:
@@ -438,7 +440,7 @@ def test_every_problem_is_reported_together(tmp_path: Path) -> None:
         'surprise = true\n[server]\nlog_level = "loud"\nlisten = ["tcp://x", "unix://"]\n'
         '[[exports]]\nname = "a"\npath = "a"\n'
         '[[exports]]\nname = "b"\npath = ""\nformat = "qcow2"\nread_only = 1\nextra = 2\n'
-        'header_guard = "qemu"\n'
+        'header_guard = "loud"\n'
     )
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text))
@@ -731,3 +733,40 @@ def test_qcow2_check_and_cache_keys(tmp_path: Path) -> None:
     )
     problem = one_problem(tmp_path, EXPORT + 'check_on_open = "full"\n')
     assert 'key "check_on_open": applies to qcow2 exports only' in problem
+
+
+# One file, one export
+
+
+def _two_exports(first: str, second: str) -> str:
+    return (
+        f'[[exports]]\nname = "a"\npath = "{first}"\nformat = "raw"\n'
+        f'[[exports]]\nname = "b"\npath = "{second}"\nformat = "raw"\nread_only = true\n'
+    )
+
+
+@pytest.mark.parametrize("link", ["same", "symlink", "hardlink", "dotdot"])
+def test_two_exports_on_one_file_are_an_error_naming_both(tmp_path: Path, link: str) -> None:
+    (tmp_path / "disk.raw").write_bytes(bytes(4096))
+    (tmp_path / "sub").mkdir()
+    second = {"same": "disk.raw", "symlink": "alias.raw", "hardlink": "hard.raw"}.get(
+        link, "sub/../disk.raw"
+    )
+    if link == "symlink":
+        (tmp_path / "alias.raw").symlink_to("disk.raw")
+    if link == "hardlink":
+        (tmp_path / "hard.raw").hardlink_to(tmp_path / "disk.raw")
+    config = write(tmp_path, _two_exports("disk.raw", second))
+    problem = one_problem(tmp_path, config.read_text())
+    assert problem.startswith(f'{config}: exports[1] ("b"): key "path": ')
+    assert f"is the same file as exports[0] (\"a\") '{tmp_path / 'disk.raw'}'" in problem
+    assert second.rsplit("/", 1)[-1] in problem
+
+
+def test_distinct_and_missing_files_are_not_shared(tmp_path: Path) -> None:
+    (tmp_path / "one.raw").write_bytes(bytes(512))
+    (tmp_path / "two.raw").write_bytes(bytes(512))
+    assert len(load_config(write(tmp_path, _two_exports("one.raw", "two.raw"))).exports) == 2
+    # Files that do not exist are compared by path (the open then says what is missing).
+    assert len(load_config(write(tmp_path, _two_exports("gone.raw", "lost.raw"))).exports) == 2
+    assert "same file as" in one_problem(tmp_path, _two_exports("gone.raw", "gone.raw"))
