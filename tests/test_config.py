@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from nbdguard.config import (
+    EXPORT_KEYS,
+    SERVER_KEYS,
+    TLS_KEYS,
+    TOP_KEYS,
     BackingPin,
     Config,
     ConfigError,
@@ -559,13 +564,83 @@ def test_bad_overrides_name_the_option(tmp_path: Path) -> None:
         with_overrides(config, listen=["tcp://h:1"], metrics_listen="")
 
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "nbdguard.example.toml"
+_SECTION = re.compile(r"\[\[?([\w.]+)\]\]?\s*(#.*)?")
+_SETTING = re.compile(r"(\w+)\s*=\s*\S")
+
+
+def _commented_setting(line: str) -> str | None:
+    """`# key = value` or `# [table]`, without the comment mark; None for prose."""
+    if not line.startswith("# "):
+        return None
+    body = line[2:]
+    return body if _SECTION.fullmatch(body) or _SETTING.match(body) else None
+
+
+def documented_keys(text: str) -> dict[str, set[str]]:
+    """Keys per table, set or shown commented out (`# key = value`)."""
+    keys: dict[str, set[str]] = {"": set()}
+    section = ""
+    for line in text.splitlines():
+        body = _commented_setting(line) or line
+        header = _SECTION.fullmatch(body)
+        if header:
+            section = header.group(1)
+            keys.setdefault(section, set())
+            keys[""].add(section.split(".")[0])
+            if "." in section:
+                parent, child = section.rsplit(".", 1)
+                keys.setdefault(parent, set()).add(child)
+            continue
+        setting = _SETTING.match(body)
+        if setting:
+            keys[section].add(setting.group(1))
+    return keys
+
+
 def test_shipped_example_config_is_valid() -> None:
-    example = Path(__file__).resolve().parents[1] / "config" / "nbdguard.example.toml"
-    config = load_config(example)
-    assert [export.name for export in config.exports] == ["vm1", "install-media", "vm2"]
+    config = load_config(EXAMPLE)
+    assert [export.name for export in config.exports] == ["vm1", "install-media", "vm2", "vm3"]
     assert config.exports[1].read_only
     assert config.exports[2].backing is not None and len(config.exports[2].backing) == 2
     assert config.server.metrics_listen == ("127.0.0.1", 9109)
+    assert config.exports[3].format == "qcow2" and config.exports[3].header_guard == "qemu"
+
+
+def test_shipped_example_documents_every_key_of_the_schema() -> None:
+    documented = documented_keys(EXAMPLE.read_text())
+    schema = {
+        "": TOP_KEYS,
+        "server": SERVER_KEYS,
+        "server.tls": TLS_KEYS,
+        "exports": EXPORT_KEYS,
+    }
+    for table, keys in schema.items():
+        missing = sorted(set(keys) - documented.get(table, set()))
+        assert not missing, f"config/nbdguard.example.toml lacks [{table}] keys {missing}"
+    backing = tomllib.loads(EXAMPLE.read_text())["exports"][2]["backing"]
+    assert {key for pin in backing for key in pin} == {"path", "format"}
+
+
+def test_shipped_example_is_valid_with_its_commented_settings_too() -> None:
+    """The commented-out settings are real ones: uncommented, the file still validates."""
+    lines = [_commented_setting(line) or line for line in EXAMPLE.read_text().splitlines()]
+    assert sum(1 for line in EXAMPLE.read_text().splitlines() if _commented_setting(line)) >= 4
+    config = parse_config(
+        tomllib.loads("\n".join(lines)), source="example", base_dir=EXAMPLE.parent
+    )
+    assert config.server.tls.ca == EXAMPLE.parent / "pki/ca-cert.pem"
+    assert config.exports[0].allow_clients == ("CN=web01",)
+
+
+def test_documented_keys_sees_set_commented_and_table_keys() -> None:
+    text = '[server]\nlisten = []\n# idle_timeout = 0\n# see the README\n[server.tls]\n# ca = "x"\n'
+    keys = documented_keys(text)
+    assert keys == {
+        "": {"server"},
+        "server": {"listen", "idle_timeout", "tls"},
+        "server.tls": {"ca"},
+    }
 
 
 def test_limit_keys(tmp_path: Path) -> None:
