@@ -30,7 +30,7 @@ from nbdguard.config import (
 )
 from nbdguard.errors import ExportOpenError, NbdguardError
 from nbdguard.guard.sector0 import Sector0Guard
-from nbdguard.inspection import inspect_chain, pin_stanza
+from nbdguard.inspection import existing_header_advice, inspect_chain, pin_stanza
 from nbdguard.observability.logging import configure_logging, get_logger
 from nbdguard.server.app import Server
 from nbdguard.server.exports import CloseFailed
@@ -239,7 +239,7 @@ def _inspect(args: argparse.Namespace) -> int:
         max_chain_depth=args.max_chain_depth,
     )
     print(report.as_json() if args.json else report.as_text())
-    return 1 if report.refused is not None else 0
+    return EXIT_OK if report.servable else EXIT_FAILED
 
 
 def _pin(args: argparse.Namespace) -> int:
@@ -252,6 +252,10 @@ def _pin(args: argparse.Namespace) -> int:
     )
     if report.refused is not None:
         print(f"nbdguard: {report.refused}", file=sys.stderr)
+        return 1
+    if report.existing_header is not None:
+        advice = existing_header_advice(report.existing_header)
+        print(f"nbdguard: {path}: {advice}", file=sys.stderr)
         return 1
     print(pin_stanza(report, args.name or path.stem, path), end="")
     return 0
