@@ -115,7 +115,7 @@ def _serve_config(args: argparse.Namespace, listen_dir: Path | None) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    listen_dir = Path(tempfile.mkdtemp(prefix="nbdguard-run-")) if args.run else None
+    listen_dir = Path(tempfile.mkdtemp(prefix="nbdguard-run-")) if args.run is not None else None
     try:
         return _serve_in(args, listen_dir)
     finally:
@@ -143,23 +143,31 @@ def _serve_in(args: argparse.Namespace, listen_dir: Path | None) -> int:
         )
     keep_freed_buffers()
     try:
-        return uvloop.run(_run(config, print_uri=args.print_uri, command=args.run))
+        if args.print_uri or args.run is not None:
+            status: int = uvloop.run(_run_telling(config, args.print_uri, args.run))
+            return status
+        uvloop.run(_run(config))
     except CloseFailed:
         return EXIT_CLOSE_FAILED  # each failure was logged as export.close_failed
     except NbdguardError as err:
         log.error("server.failed", error=str(err))
         return EXIT_FAILED
+    return EXIT_OK
 
 
-async def _run(config: Config, *, print_uri: bool = False, command: str | None = None) -> int:
-    if not config.server.listen and (print_uri or command is not None):
-        # Socket activation only: the address is systemd's, not ours to print.
+async def _run(config: Config) -> None:
+    server = Server(config)
+    await server.start()
+    await server.serve()
+
+
+async def _run_telling(config: Config, print_uri: bool, command: str | None) -> int:
+    """Serve, printing the URI clients should use and/or running `command` against it."""
+    if not config.server.listen:
+        # Socket activation only: the address is systemd's, not ours to tell.
         raise NbdguardError("--print-uri and --run need a listen address (--listen)")
     server = Server(config)
     await server.start()
-    if not config.server.listen:
-        await server.serve()
-        return EXIT_OK
     address = server_address(server, config.exports[0].name)
     if print_uri:
         print(address.uri, flush=True)
