@@ -29,6 +29,7 @@ from nbdguard.config import (
     with_overrides,
 )
 from nbdguard.errors import ExportOpenError, NbdguardError
+from nbdguard.guard.datafile import DataFileGuard
 from nbdguard.guard.sector0 import Sector0Guard
 from nbdguard.inspection import existing_header_advice, inspect_chain, pin_stanza
 from nbdguard.observability.logging import configure_logging, get_logger
@@ -210,7 +211,7 @@ def _check_export(export: ExportConfig) -> str | None:
         device.close()
     if found is None:
         return None
-    where = "its data file" if export.format == "qcow2" else str(export.path)
+    where = str(device.data_file.path) if isinstance(device, DataFileGuard) else str(export.path)
     if export.on_existing_header == "warn":
         print(
             f"nbdguard: warning: export {export.name!r}: sector 0 of {where} holds a {found} "

@@ -102,6 +102,24 @@ def test_check_config_names_a_foreign_header_and_how_to_convert(tmp_path: Path) 
     assert "qemu-img convert -f vmdk" in result.stderr
 
 
+def test_check_config_refuses_a_header_in_a_qcow2_data_file(tmp_path: Path) -> None:
+    require("qemu-img")
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-o", "data_file=vm.data", "vm.qcow2", "4M", cwd=tmp_path
+    )
+    with open(tmp_path / "vm.data", "r+b") as data:
+        data.write(QEMU_HEADERS["qcow2"])
+    config = config_file(tmp_path, export("vm", "vm.qcow2", "qcow2"))
+    result = nbdguard("check-config", str(config))
+    assert result.returncode == 1
+    assert f"sector 0 of {tmp_path / 'vm.data'} already holds a qcow2 header" in result.stderr
+    assert 'if the guest wrote this header, set on_existing_header = "warn"' in result.stderr
+    body = export("vm", "vm.qcow2", "qcow2", 'on_existing_header = "warn"\n')
+    assert nbdguard("check-config", str(config_file(tmp_path, body))).returncode == 0
+    body = export("vm", "vm.qcow2", "qcow2", 'header_guard = "off"\n')
+    assert nbdguard("check-config", str(config_file(tmp_path, body))).returncode == 0
+
+
 def test_check_config_passes_a_plain_raw_image_and_one_with_the_guard_off(tmp_path: Path) -> None:
     raw_image(tmp_path / "a.raw", head=b"\xeb\x63\x90" + bytes(509))  # a boot sector
     raw_image(tmp_path / "b.raw", head=QEMU_HEADERS["qcow2"])
