@@ -1,0 +1,363 @@
+"""Boot a real Linux kernel in a small QEMU VM to drive nbdguard with the kernel's own clients.
+
+The kernel and its modules come from Debian's `linux-image-*-amd64` package; the guest's
+userland is an initramfs built here from the host's binaries (busybox-static, nbd-client,
+socat, mke2fs, GNU dd and the libraries `ldd` lists). Both are cached under CACHE (outside the
+repository, reused between runs), keyed by the kernel package and by this file's contents.
+
+The guest has no IP networking at all: it reaches nbdguard's Unix socket only through
+virtio-serial ports, each one a single connection that QEMU opens when it starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CACHE = Path(os.environ.get("NBDGUARD_VM_CACHE", "/var/tmp/nbdguard-vm"))
+HERE = Path(__file__).resolve()
+
+# Guest binaries: (host path, guest path). Real binaries are called by absolute path in the
+# guest because busybox's shell runs its own applets (dd, mke2fs, …) before searching PATH.
+BINARIES = {
+    "/usr/bin/busybox": "/bin/busybox",
+    "/usr/sbin/nbd-client": "/usr/sbin/nbd-client",
+    "/usr/bin/socat": "/usr/bin/socat",
+    "/usr/sbin/mke2fs": "/usr/sbin/mke2fs",
+    "/usr/bin/dd": "/usr/bin/dd",
+}
+DATA_FILES = {"/etc/mke2fs.conf": "/etc/mke2fs.conf"}
+# Loaded in dependency order; crc32c_generic is what ext4 asks the crypto API for at mount
+# (request_module cannot work: the guest has no modprobe).
+MODULES = ("virtio_pci", "virtio_console", "virtio_blk", "nbd", "crc32c_generic", "ext4")
+CONSOLE_MARK = "@@"
+
+
+class VMError(AssertionError):
+    """The VM could not be built or booted, or the guest script failed."""
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def kernel_package() -> str:
+    """The versioned image package that Debian's `linux-image-amd64` currently depends on."""
+    out = _run("apt-cache", "depends", "linux-image-amd64").stdout
+    match = re.search(r"Depends:\s*(linux-image-\S+-amd64)", out)
+    if not match:
+        raise VMError(f"linux-image-amd64 has no linux-image-*-amd64 dependency:\n{out}")
+    return match.group(1)
+
+
+def _run(*command: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
+    if result.returncode != 0:
+        raise VMError(f"{' '.join(command)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    """The uncompressed ELF kernel inside a bzImage whose payload is xz (Debian's choice).
+
+    Under TCG an ELF vmlinux boots through PVH in ~3 s, skipping the slow in-guest
+    decompression of the bzImage."""
+    start = bzimage.find(b"\xfd7zXZ\x00")
+    while start >= 0:
+        try:
+            elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[start:])
+        except lzma.LZMAError:
+            elf = b""
+        if elf.startswith(b"\x7fELF"):
+            return elf
+        start = bzimage.find(b"\xfd7zXZ\x00", start + 1)
+    raise VMError("no xz-compressed ELF kernel found in the bzImage")
+
+
+def modinfo(module: bytes) -> dict[str, str]:
+    """The key=value strings of an ELF64 module's .modinfo section."""
+    if module[:4] != b"\x7fELF" or module[4] != 2:
+        raise VMError("not an ELF64 kernel module")
+    (shoff,) = struct.unpack_from("<Q", module, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", module, 0x3A)
+
+    def section(index: int) -> tuple[int, int, int]:
+        name, _, _, _, offset, size = struct.unpack_from(
+            "<IIQQQQ", module, shoff + index * shentsize
+        )
+        return name, offset, size
+
+    _, str_off, _ = section(shstrndx)
+    for index in range(shnum):
+        name, offset, size = section(index)
+        end = module.index(b"\0", str_off + name)
+        if module[str_off + name : end] == b".modinfo":
+            fields = module[offset : offset + size].split(b"\0")
+            pairs = (f.decode(errors="replace").partition("=") for f in fields if b"=" in f)
+            return {key: value for key, _, value in pairs}
+    raise VMError("module has no .modinfo section")
+
+
+def resolve_modules(index: Mapping[str, Path], wanted: Iterable[str]) -> list[Path]:
+    """Module files for `wanted` and all their `depends=`, dependencies first.
+
+    The Debian package ships no modules.dep and the host may have no kmod, so the order
+    comes from each module's own .modinfo."""
+    order: list[Path] = []
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        name = name.replace("-", "_")
+        if name in done:
+            return
+        if name in path:
+            raise VMError(f"module dependency cycle: {' -> '.join((*path, name))}")
+        if name not in index:
+            raise VMError(f"module {name} not in the kernel package (needed by {path})")
+        depends = modinfo(index[name].read_bytes()).get("depends", "")
+        for dep in filter(None, depends.split(",")):
+            visit(dep, (*path, name))
+        done.add(name)
+        order.append(index[name])
+
+    for name in wanted:
+        visit(name, ())
+    return order
+
+
+# --------------------------------------------------------------------------- initramfs
+
+
+@dataclass
+class Cpio:
+    """A cpio "newc" archive, the format the kernel unpacks as an initramfs."""
+
+    data: bytearray = field(default_factory=bytearray)
+    inode: int = 1
+    dirs: set[str] = field(default_factory=set)
+
+    def _entry(self, name: str, mode: int, body: bytes) -> None:
+        encoded = name.lstrip("/").encode() + b"\0"
+        fields = (self.inode, mode, 0, 0, 1, 0, len(body), 0, 0, 0, 0, len(encoded), 0)
+        self.inode += 1
+        self.data += b"070701" + b"".join(b"%08X" % value for value in fields) + encoded
+        self.data += b"\0" * (-len(self.data) % 4) + body
+        self.data += b"\0" * (-len(self.data) % 4)
+
+    def directory(self, name: str) -> None:
+        parts = Path(name).parts[1:]
+        for depth in range(1, len(parts) + 1):
+            path = "/" + "/".join(parts[:depth])
+            if path not in self.dirs:
+                self.dirs.add(path)
+                self._entry(path, 0o040755, b"")
+
+    def file(self, name: str, body: bytes, mode: int = 0o755) -> None:
+        self.directory(str(Path(name).parent))
+        self._entry(name, 0o100000 | mode, body)
+
+    def symlink(self, name: str, target: str) -> None:
+        self.directory(str(Path(name).parent))
+        self._entry(name, 0o120777, target.encode())
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0, b"")
+        return bytes(self.data)
+
+
+def shared_libraries(binary: str) -> list[str]:
+    """The libraries (and the loader) that `ldd` says `binary` loads."""
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout
+    if "not a dynamic executable" in out:
+        return []
+    return re.findall(r"(?:=>\s*|^\s*)(/\S+)\s+\(0x", out, re.MULTILINE)
+
+
+INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/usr/bin:/usr/sbin
+mkdir -p /proc /sys /dev /tmp /mnt
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for module in $(cat /modules.order); do insmod "$module" || echo "insmod $module failed"; done
+insmod /lib/modules/nbd.ko nbds_max=4 2>/dev/null
+mkdir -p /dev/virtio-ports
+for port in /sys/class/virtio-ports/*; do
+    [ -e "$port/name" ] && ln -sf "/dev/${port##*/}" "/dev/virtio-ports/$(cat "$port/name")"
+done
+echo "@@BOOTED@@"
+sh -e /test.sh
+echo "@@RC=$?@@"
+sync
+reboot -f
+"""
+
+
+def build_initramfs(modules: list[Path]) -> bytes:
+    """The guest's base userland; each test appends its /test.sh as a second archive."""
+    archive = Cpio()
+    for directory in ("/bin", "/usr/bin", "/usr/sbin", "/etc", "/proc", "/sys", "/dev", "/tmp"):
+        archive.directory(directory)
+    archive.symlink("/sbin", "usr/sbin")
+    libraries: set[str] = set()
+    for host, guest in BINARIES.items():
+        archive.file(guest, Path(host).read_bytes())
+        libraries.update(shared_libraries(host))
+    for library in sorted(libraries):
+        archive.file(library, Path(library).read_bytes())
+    for host, guest in DATA_FILES.items():
+        archive.file(guest, Path(host).read_bytes(), 0o644)
+    order = []
+    for module in modules:
+        guest = f"/lib/modules/{module.name}"
+        archive.file(guest, module.read_bytes(), 0o644)
+        if module.name != "nbd.ko":  # loaded with parameters by init
+            order.append(guest)
+    archive.file("/modules.order", ("\n".join(order) + "\n").encode(), 0o644)
+    archive.file("/init", INIT.encode())
+    return archive.finish()
+
+
+def script_archive(script: str, files: Mapping[str, bytes]) -> bytes:
+    """A second cpio (the kernel unpacks concatenated archives) with the test's script."""
+    archive = Cpio(dirs={"/", "/bin", "/usr", "/usr/bin", "/usr/sbin", "/etc", "/tmp"})
+    archive.file("/test.sh", script.encode())
+    for name, body in files.items():
+        archive.file(name, body, 0o644)
+    return archive.finish()
+
+
+# --------------------------------------------------------------------------- cache
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    kernel: Path
+    initramfs: Path
+
+
+def _fingerprint(package: str) -> str:
+    digest = hashlib.sha256(HERE.read_bytes())
+    digest.update(package.encode())
+    for host in (*BINARIES, *DATA_FILES):
+        stat = Path(host).stat()
+        digest.update(f"{host}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def guest_image() -> GuestImage:
+    """The cached kernel and base initramfs, built on first use (one ~70 MB download)."""
+    package = kernel_package()
+    target = CACHE / f"{package}-{_fingerprint(package)}"
+    image = GuestImage(target / "vmlinux", target / "initramfs.cpio")
+    if image.kernel.exists() and image.initramfs.exists():
+        return image
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
+        work = Path(scratch)
+        _run("apt-get", "download", package, cwd=work)
+        deb = next(work.glob("*.deb"))
+        _run("dpkg-deb", "-x", str(deb), str(work / "root"))
+        root = work / "root"
+        vmlinuz = next((root / "boot").glob("vmlinuz-*"))
+        build = work / "out"
+        build.mkdir()
+        (build / "vmlinux").write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
+        index = {p.name.removesuffix(".ko").replace("-", "_"): p for p in root.rglob("*.ko")}
+        (build / "initramfs.cpio").write_bytes(build_initramfs(resolve_modules(index, MODULES)))
+        shutil.rmtree(target, ignore_errors=True)
+        build.rename(target)
+    for stale in CACHE.glob("linux-image-*"):
+        if stale != target:
+            shutil.rmtree(stale, ignore_errors=True)
+    return image
+
+
+# --------------------------------------------------------------------------- QEMU
+
+
+def accelerator() -> list[str]:
+    """KVM where it really works; TCG under kvm_pvm (no hardware virtualization beneath it,
+    cannot boot a stock kernel) or without /dev/kvm. TCG gets one CPU."""
+    if Path("/sys/module/kvm_pvm").exists() or not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return ["-accel", "tcg", "-smp", "1"]
+    return ["-accel", "kvm", "-cpu", "host", "-smp", "2"]
+
+
+@dataclass
+class GuestRun:
+    console: str
+    seconds: float
+    returncode: int | None  # the guest script's status; None: it never finished
+
+    def marks(self) -> dict[str, str]:
+        """`@@KEY=VALUE@@` lines the guest script printed (the last one wins)."""
+        return dict(re.findall(r"@@(\w+)=(.*?)@@", self.console))
+
+    def check(self) -> GuestRun:
+        if self.returncode != 0:
+            raise VMError(f"guest script exited {self.returncode}:\n{self.console[-6000:]}")
+        return self
+
+
+def boot(
+    workdir: Path,
+    script: str,
+    *,
+    ports: Mapping[str, Path] = {},
+    drives: Iterable[str] = (),
+    files: Mapping[str, bytes] = {},
+    timeout: float = 150,
+    memory_mb: int = 256,
+) -> GuestRun:
+    """Boot the guest, run `script` (busybox sh -e) as its /test.sh, and wait for it to
+    power off. `ports` maps virtio-serial port names to Unix sockets QEMU connects to."""
+    image = guest_image()
+    workdir.mkdir(parents=True, exist_ok=True)
+    initrd = workdir / "initramfs.cpio"
+    with open(initrd, "wb") as out:
+        out.write(image.initramfs.read_bytes())
+        out.write(script_archive(script, files))
+    console = workdir / "console.log"
+    command = [
+        "qemu-system-x86_64", "-nodefaults", "-nic", "none", "-display", "none",
+        "-no-reboot", "-machine", "q35", "-m", str(memory_mb), *accelerator(),
+        "-kernel", str(image.kernel), "-initrd", str(initrd),
+        "-append", "console=ttyS0 panic=-1 loglevel=4 rdinit=/init",
+        "-serial", f"file:{console}",
+    ]  # fmt: skip
+    if ports:
+        command += ["-device", "virtio-serial-pci"]
+    for number, (name, socket_path) in enumerate(ports.items()):
+        command += [
+            "-chardev", f"socket,id=port{number},path={socket_path}",
+            "-device", f"virtserialport,chardev=port{number},name={name}",
+        ]  # fmt: skip
+    for drive in drives:
+        command += ["-drive", drive]
+    started = time.monotonic()
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        text = console.read_text(errors="replace") if console.exists() else ""
+        raise VMError(f"VM did not power off within {timeout} s:\n{text[-6000:]}") from None
+    seconds = time.monotonic() - started
+    text = console.read_text(errors="replace") if console.exists() else ""
+    if result.returncode != 0:
+        raise VMError(f"qemu exited {result.returncode}: {result.stderr}\n{text[-6000:]}")
+    match = re.search(r"@@RC=(\d+)@@", text)
+    return GuestRun(text, seconds, int(match.group(1)) if match else None)
+
+
+def lines_with(console: str, *needles: str) -> Iterator[str]:
+    return (line for line in console.splitlines() if all(n in line for n in needles))
