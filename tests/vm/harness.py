@@ -260,27 +260,50 @@ def guest_image() -> GuestImage:
     package = kernel_package()
     target = CACHE / f"{package}-{_fingerprint(package)}"
     image = GuestImage(target / "vmlinux", target / "initramfs.cpio")
-    if image.kernel.exists() and image.initramfs.exists():
-        return image
+    if not (image.kernel.exists() and image.initramfs.exists()):
+        _build(package, target)
+    os.utime(target)
+    _drop_stale(keep=target)
+    return image
+
+
+def _download(package: str, directory: Path) -> Path:
+    """The package's .deb; a stale apt index (the mirror dropped that version) is refreshed
+    once. A failure raises: CI must not skip silently."""
+    try:
+        _run("apt-get", "download", package, cwd=directory)
+    except VMError:
+        _run("apt-get", "update", "-qq")
+        _run("apt-get", "download", package, cwd=directory)
+    return next(directory.glob("*.deb"))
+
+
+def _build(package: str, target: Path) -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
+    with tempfile.TemporaryDirectory(dir=CACHE, prefix="build-") as scratch:
         work = Path(scratch)
-        _run("apt-get", "download", package, cwd=work)
-        deb = next(work.glob("*.deb"))
-        _run("dpkg-deb", "-x", str(deb), str(work / "root"))
         root = work / "root"
+        _run("dpkg-deb", "-x", str(_download(package, work)), str(root))
         vmlinuz = next((root / "boot").glob("vmlinuz-*"))
         build = work / "out"
         build.mkdir()
         (build / "vmlinux").write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
         index = {p.name.removesuffix(".ko").replace("-", "_"): p for p in root.rglob("*.ko")}
-        (build / "initramfs.cpio").write_bytes(build_initramfs(resolve_modules(index, MODULES)))
-        shutil.rmtree(target, ignore_errors=True)
-        build.rename(target)
+        initramfs = build_initramfs(resolve_modules(index, MODULES))
+        (build / "initramfs.cpio").write_bytes(initramfs)
+        try:
+            build.rename(target)
+        except OSError:
+            if not (target / "initramfs.cpio").exists():  # not a concurrent run's result
+                raise
+
+
+def _drop_stale(keep: Path, age: float = 3600) -> None:
+    """Other kernels or harness versions unused for an hour (concurrent checkouts of other
+    versions keep theirs fresh)."""
     for stale in CACHE.glob("linux-image-*"):
-        if stale != target:
+        if stale != keep and time.time() - stale.stat().st_mtime > age:
             shutil.rmtree(stale, ignore_errors=True)
-    return image
 
 
 # --------------------------------------------------------------------------- QEMU

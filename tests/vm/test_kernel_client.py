@@ -98,9 +98,7 @@ umount /mnt
     assert debugfs_cat(image, "/note.txt") == text
 
 
-def test_guest_sees_refused_header_write_as_io_error(
-    tmp_path: Path, served: RunningServer
-) -> None:
+def test_guest_sees_refused_header_write_as_io_error(tmp_path: Path, served: RunningServer) -> None:
     header_image = tmp_path / "header.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", str(header_image), "1M")
     header = header_image.read_bytes()[:512]
