@@ -309,12 +309,13 @@ def _drop_stale(keep: Path, age: float = 3600) -> None:
 # --------------------------------------------------------------------------- QEMU
 
 
-def accelerator() -> list[str]:
+def accelerator(cpus: int = 1) -> list[str]:
     """KVM where it really works; TCG under kvm_pvm (no hardware virtualization beneath it,
-    cannot boot a stock kernel) or without /dev/kvm. TCG gets one CPU."""
+    cannot boot a stock kernel) or without /dev/kvm. One CPU unless a test needs more: each
+    TCG vCPU is a busy host thread."""
     if Path("/sys/module/kvm_pvm").exists() or not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return ["-accel", "tcg", "-smp", "1"]
-    return ["-accel", "kvm", "-cpu", "host", "-smp", "2"]
+        return ["-accel", "tcg", "-smp", str(cpus)]
+    return ["-accel", "kvm", "-cpu", "host", "-smp", str(cpus)]
 
 
 @dataclass
@@ -342,6 +343,7 @@ def boot(
     files: Mapping[str, bytes] = {},
     timeout: float = 150,
     memory_mb: int = 256,
+    cpus: int = 1,
 ) -> GuestRun:
     """Boot the guest, run `script` (busybox sh -e) as its /test.sh, and wait for it to
     power off. `ports` maps virtio-serial port names to Unix sockets QEMU connects to."""
@@ -354,7 +356,7 @@ def boot(
     console = workdir / "console.log"
     command = [
         "qemu-system-x86_64", "-nodefaults", "-nic", "none", "-display", "none",
-        "-no-reboot", "-machine", "q35", "-m", str(memory_mb), *accelerator(),
+        "-no-reboot", "-machine", "q35", "-m", str(memory_mb), *accelerator(cpus),
         "-kernel", str(image.kernel), "-initrd", str(initrd),
         "-append", "console=ttyS0 panic=-1 loglevel=4 rdinit=/init",
         "-serial", f"file:{console}",

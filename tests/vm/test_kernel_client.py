@@ -159,3 +159,64 @@ echo "@@NBDLOG=$(dmesg | grep -c 'nbd0: Other side returned error')@@"
         "nbdguard_header_writes_blocked_total", export="vm1", format="qcow2", command="write"
     )
     assert blocked == 2, served.log()[-4000:]
+
+
+# Each nbd-client connection to /tmp/nbd.sock is relayed to the next unclaimed port (mkdir
+# is atomic), so `-C 2` gets one virtio-serial port, hence one server connection, each.
+PICK_PORT = """#!/bin/busybox sh
+for n in 0 1; do
+    if mkdir /tmp/claim$n 2>/dev/null; then
+        echo $$ > /tmp/relay$n.pid
+        exec /usr/bin/socat STDIO /dev/virtio-ports/nbd$n
+    fi
+done
+exit 1
+"""
+
+
+def test_kernel_multi_connection_concurrent_io(tmp_path: Path, served: RunningServer) -> None:
+    chunk = 4 << 20
+    halves = [os.urandom(chunk), os.urandom(chunk)]
+    script = (
+        """
+/usr/bin/socat UNIX-LISTEN:/tmp/nbd.sock,fork EXEC:"/bin/sh /data/pick.sh" &
+while [ ! -S /tmp/nbd.sock ]; do usleep 20000; done
+/usr/sbin/nbd-client -unix /tmp/nbd.sock /dev/nbd0 -N vm1 -b 512 -C 2
+echo "@@SIZE=$(blockdev --getsize64 /dev/nbd0)@@"
+taskset -c 0 /usr/bin/dd if=/data/half0 of=/dev/nbd0 bs=64k oflag=direct status=none &
+first=$!
+taskset -c 1 /usr/bin/dd if=/data/half1 of=/dev/nbd0 bs=64k seek=64 oflag=direct status=none &
+second=$!
+wait $first
+wait $second
+echo 3 > /proc/sys/vm/drop_caches
+/usr/bin/dd if=/dev/nbd0 of=/tmp/back bs=64k count=128 iflag=direct status=none
+echo "@@BACK=$(sha256sum /tmp/back | cut -d' ' -f1)@@"
+for n in 0 1; do
+    echo "@@RELAY$n=$(grep '^wchar' /proc/$(cat /tmp/relay$n.pid)/io | cut -d' ' -f2)@@"
+done
+"""
+        + DETACH
+    )
+    guest_run = boot(
+        tmp_path / "vm",
+        script,
+        ports={"nbd0": served.socket_path, "nbd1": served.socket_path},
+        files={
+            "/data/pick.sh": PICK_PORT.encode(),
+            "/data/half0": halves[0],
+            "/data/half1": halves[1],
+        },
+        cpus=2,
+    ).check()
+    marks = guest_run.marks()
+    assert marks["SIZE"] == str(SIZE)
+    assert marks["BACK"] == hashlib.sha256(b"".join(halves)).hexdigest()
+    # Both connections carried a share of the 8 MiB the two CPUs wrote (wchar counts the
+    # bytes each relay moved in both directions, hence the bound below half of one chunk).
+    assert int(marks["RELAY0"]) > chunk // 4, marks
+    assert int(marks["RELAY1"]) > chunk // 4, marks
+    assert marks["DETACHED"] == "1"
+    assert served.sample("nbdguard_connections_opened_total", export="vm1") == 2
+    with open(served.images["vm1"], "rb") as handle:
+        assert handle.read(2 * chunk) == b"".join(halves)
