@@ -16,13 +16,16 @@ import lzma
 import os
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 CACHE = Path(os.environ.get("NBDGUARD_VM_CACHE", "/var/tmp/nbdguard-vm"))
 HERE = Path(__file__).resolve()
@@ -334,19 +337,51 @@ class GuestRun:
         return self
 
 
-def boot(
+@dataclass
+class VM:
+    """A running QEMU; `wait` collects the guest's console once it powers off."""
+
+    process: subprocess.Popen[str]
+    console: Path
+    started: float = field(default_factory=time.monotonic)
+
+    def console_text(self) -> str:
+        return self.console.read_text(errors="replace") if self.console.exists() else ""
+
+    def wait(self, timeout: float = 150) -> GuestRun:
+        try:
+            _, stderr = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            tail = self.console_text()[-6000:]
+            raise VMError(f"VM did not power off within {timeout} s:\n{tail}") from None
+        seconds = time.monotonic() - self.started
+        text = self.console_text()
+        if self.process.returncode != 0:
+            raise VMError(f"qemu exited {self.process.returncode}: {stderr}\n{text[-6000:]}")
+        match = re.search(r"@@RC=(\d+)@@", text)
+        return GuestRun(text, seconds, int(match.group(1)) if match else None)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
+def start(
     workdir: Path,
     script: str,
     *,
     ports: Mapping[str, Path] = {},
     drives: Iterable[str] = (),
     files: Mapping[str, bytes] = {},
-    timeout: float = 150,
     memory_mb: int = 256,
     cpus: int = 1,
-) -> GuestRun:
-    """Boot the guest, run `script` (busybox sh -e) as its /test.sh, and wait for it to
-    power off. `ports` maps virtio-serial port names to Unix sockets QEMU connects to."""
+) -> VM:
+    """Boot the guest to run `script` (busybox sh -e) as its /test.sh, then power off.
+
+    `ports` maps virtio-serial port names to Unix sockets QEMU connects to when it starts
+    (one connection each, for the VM's lifetime); `files` are added to the initramfs."""
     image = guest_image()
     workdir.mkdir(parents=True, exist_ok=True)
     initrd = workdir / "initramfs.cpio"
@@ -370,18 +405,75 @@ def boot(
         ]  # fmt: skip
     for drive in drives:
         command += ["-drive", drive]
-    started = time.monotonic()
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    return VM(process, console)
+
+
+def boot(workdir: Path, script: str, *, timeout: float = 150, **options: Any) -> GuestRun:
+    """`start` the guest and wait for it to power off."""
+    vm = start(workdir, script, **options)
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        text = console.read_text(errors="replace") if console.exists() else ""
-        raise VMError(f"VM did not power off within {timeout} s:\n{text[-6000:]}") from None
-    seconds = time.monotonic() - started
-    text = console.read_text(errors="replace") if console.exists() else ""
-    if result.returncode != 0:
-        raise VMError(f"qemu exited {result.returncode}: {result.stderr}\n{text[-6000:]}")
-    match = re.search(r"@@RC=(\d+)@@", text)
-    return GuestRun(text, seconds, int(match.group(1)) if match else None)
+        return vm.wait(timeout)
+    finally:
+        vm.kill()
+
+
+class HostPort:
+    """The host's end of one virtio-serial port: a Unix socket listening here, which QEMU
+    connects to when it starts. Used as a control channel (lines both ways) or, with
+    `relay_to`, as a connection to a server that is started later."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(1)
+        self.peer: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+
+    def accept(self, timeout: float = 60) -> socket.socket:
+        self.listener.settimeout(timeout)
+        self.peer, _ = self.listener.accept()
+        self.peer.settimeout(timeout)
+        return self.peer
+
+    def read_line(self, reader: IO[str]) -> str:
+        line = reader.readline()
+        if not line:
+            raise VMError(f"{self.path.name}: the guest closed the port")
+        return line.strip()
+
+    def send_line(self, text: str) -> None:
+        assert self.peer is not None
+        self.peer.sendall(text.encode() + b"\n")
+
+    def relay_to(self, server_path: Path) -> None:
+        """Copy bytes both ways between the port and a new connection to `server_path`."""
+        assert self.peer is not None
+        self.peer.settimeout(None)
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream.connect(str(server_path))
+        for source, sink in ((self.peer, upstream), (upstream, self.peer)):
+            thread = threading.Thread(target=_copy, args=(source, sink), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self) -> None:
+        for sock in (self.peer, self.listener):
+            if sock is not None:
+                sock.close()
+
+
+def _copy(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(1 << 16):
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # either side closed: the other copier sees it too
 
 
 def lines_with(console: str, *needles: str) -> Iterator[str]:
