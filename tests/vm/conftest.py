@@ -12,6 +12,7 @@ from tests.vm.harness import GuestImage, guest_image
 
 TOOLS = ("qemu-system-x86_64", "busybox", "socat", "nbd-client", "mke2fs", "e2fsck", "debugfs")
 _durations: dict[str, float] = {}
+_booting: set[str] = set()  # node ids of the tests marked `vm`
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,8 +36,12 @@ def _sbin(tool: str) -> bool:
     return any(os.access(f"{d}/{tool}", os.X_OK) for d in ("/usr/sbin", "/sbin"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    _booting.update(item.nodeid for item in items if item.get_closest_marker("vm"))
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if "vm" in report.keywords:  # the tests that boot a VM
+    if report.nodeid in _booting:
         _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
 
 
