@@ -40,10 +40,9 @@ BINARIES = {
     "/usr/bin/dd": "/usr/bin/dd",
 }
 DATA_FILES = {"/etc/mke2fs.conf": "/etc/mke2fs.conf"}
-# Loaded in dependency order; crc32c_generic is what ext4 asks the crypto API for at mount
-# (request_module cannot work: the guest has no modprobe).
+# Loaded with their `depends=`, dependencies first. crc32c_generic is what ext4 asks the
+# crypto API for at mount (request_module cannot work: the guest has no modprobe).
 MODULES = ("virtio_pci", "virtio_console", "virtio_blk", "nbd", "crc32c_generic", "ext4")
-CONSOLE_MARK = "@@"
 
 
 class VMError(AssertionError):
@@ -193,7 +192,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for module in $(cat /modules.order); do insmod "$module" || echo "insmod $module failed"; done
-insmod /lib/modules/nbd.ko nbds_max=4 2>/dev/null
+insmod /lib/modules/nbd.ko nbds_max=4 || echo "insmod nbd.ko failed"
 mkdir -p /dev/virtio-ports
 for port in /sys/class/virtio-ports/*; do
     [ -e "$port/name" ] && ln -sf "/dev/${port##*/}" "/dev/virtio-ports/$(cat "$port/name")"
