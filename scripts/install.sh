@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 PACKAGES=(python3 python3-venv python3-libnbd qemu-utils libnbd-bin nbdkit nbd-client systemd
-          nbd-server fio prometheus e2fsprogs python3-yaml openssl strace)
+          nbd-server fio prometheus e2fsprogs python3-yaml openssl strace
+          qemu-system-x86 busybox-static socat)
 missing=()
 for package in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
