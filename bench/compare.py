@@ -60,6 +60,7 @@ class Server:
     socket: Path
     command: list[str]
     pid_file: Path | None = None  # for servers that daemonize (nbd-server)
+    cwd: Path | None = None  # where `python -m nbdguard` finds its package (--baseline)
     process: subprocess.Popen[bytes] | None = None
     pid: int = 0
 
@@ -72,7 +73,9 @@ class Server:
             if stale is not None:
                 stale.unlink(missing_ok=True)
         with open(log, "ab") as out:
-            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                self.command, stdout=out, stderr=subprocess.STDOUT, cwd=self.cwd
+            )
         deadline = time.monotonic() + 20
         while not self._accepting():
             exited = self.process.poll() is not None and self.pid_file is None
@@ -154,7 +157,13 @@ def qemu_img(*args: str) -> None:
 
 
 def nbdguard_server(
-    work: Path, image: Path, name: str, extra: str = "", server_extra: str = ""
+    work: Path,
+    image: Path,
+    name: str,
+    extra: str = "",
+    server_extra: str = "",
+    *,
+    source: Path | None = None,
 ) -> Server:
     fmt = "raw" if image.suffix == ".raw" else "qcow2"
     sock = work / f"{name}.sock"
@@ -164,7 +173,7 @@ def nbdguard_server(
         f'[[exports]]\nname = "disk"\npath = "{image}"\nformat = "{fmt}"\n{extra}'
     )
     command = [sys.executable, "-m", "nbdguard", "serve", "--config", str(config)]
-    return Server(name, "disk", sock, command)
+    return Server(name, "disk", sock, command, cwd=source or ROOT)
 
 
 def peer_servers(work: Path, images: dict[str, Path]) -> list[Server]:
@@ -305,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         "run's noise floor (an A/A comparison)",
     )
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also nbdguard from this checkout (e.g. a `git worktree` of an older commit), "
+        "as nbdguard-baseline: a change's cost, measured side by side in one run",
+    )
+    parser.add_argument(
         "--no-peers", action="store_true", help="only nbdguard and its variants (overheads)"
     )
     parser.add_argument("--no-copy", action="store_true", help="skip the nbdcopy timing")
@@ -312,15 +327,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="nbdguard-bench-") as tmp:
         work = Path(tmp)
-        # nbdguard variants: (name, export keys, server keys)
-        variants = [("nbdguard", "", "")]
+        # nbdguard variants: (name, export keys, server keys, source checkout)
+        variants: list[tuple[str, str, str, Path | None]] = [("nbdguard", "", "", None)]
         if args.guard:
-            variants.append(("nbdguard-noguard", 'header_guard = "off"\n', ""))
+            variants.append(("nbdguard-noguard", 'header_guard = "off"\n', "", None))
         if args.metrics:
-            variants.append(("nbdguard-nometrics", "", "request_metrics = false\n"))
+            variants.append(("nbdguard-nometrics", "", "request_metrics = false\n", None))
         if args.control:
-            variants.append(("nbdguard-again", "", ""))
-        names = [name for name, _, _ in variants]
+            variants.append(("nbdguard-again", "", "", None))
+        if args.baseline is not None:
+            variants.append(("nbdguard-baseline", "", "", args.baseline.resolve()))
+        names = [name for name, _, _, _ in variants]
         if not args.no_peers:
             names += ["qemu-nbd"] + (["nbdkit", "nbd-server"] if args.image == "raw" else [])
         files = make_images(work, len(names), args.image, args.size_mib << 20)
@@ -331,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             # cache happens to be laid out), and that must not stick to one server.
             images = {name: files[(i + round_number) % len(files)] for i, name in enumerate(names)}
             servers = [
-                nbdguard_server(work, images[name], name, extra, server_extra)
-                for name, extra, server_extra in variants
+                nbdguard_server(work, images[name], name, extra, server_extra, source=source)
+                for name, extra, server_extra, source in variants
             ]
             if not args.no_peers:
                 servers += peer_servers(work, images)

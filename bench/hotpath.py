@@ -65,16 +65,16 @@ def stream(command: int, length: int, count: int) -> bytes:
     return b"".join(pieces)
 
 
-def serve(dispatcher: Dispatcher, data: bytes, max_payload: int) -> None:
-    parser = RequestParser(max_payload)
+def serve(dispatcher: Dispatcher, data: bytes) -> None:
+    parser = RequestParser()
     source = memoryview(data)
     while source:
         target = parser.get_buffer()
         count = min(len(target), len(source), RECEIVE)
         target[:count] = source[:count]
         source = source[count:]
-        for request in parser.buffer_updated(count):
-            dispatcher.handle(request)
+        for event in parser.buffer_updated(count):
+            dispatcher.receive(event)
 
 
 def measure(kind: str, requests: int, guard: str, metrics: bool) -> float:
@@ -93,10 +93,10 @@ def measure(kind: str, requests: int, guard: str, metrics: bool) -> float:
             export, limits, (BASE_ALLOCATION_ID,), replies.send, structlog.get_logger()
         )
         data = stream(command, length, requests)
-        serve(dispatcher, data[: len(data) // 10], 32 << 20)  # warm the page cache and code
+        serve(dispatcher, data[: len(data) // 10])  # warm the page cache and code
         replies.count = 0
         start = time.perf_counter()
-        serve(dispatcher, data, 32 << 20)
+        serve(dispatcher, data)
         elapsed = time.perf_counter() - start
         assert replies.count == requests
         export.close()

@@ -34,10 +34,11 @@ from collections.abc import Callable
 
 from nbdguard.guard.sector0 import (
     SECTOR,
+    BlockedReport,
     FileLock,
     GuardPolicy,
-    HeaderWriteBlocked,
     Sector0Guard,
+    report_refusal,
 )
 from nbdguard.storage.device import BlockDevice, Buffer
 from nbdguard.storage.pinned import OpenedFile
@@ -56,9 +57,15 @@ class DataFileGuard(Sector0Guard):
         file_lock: FileLock,
         on_rmw: Callable[[], None],
         on_lock_timeout: Callable[[], None],
+        on_blocked: BlockedReport,
     ) -> None:
         super().__init__(
-            inner, policy, file_lock=file_lock, on_rmw=on_rmw, on_lock_timeout=on_lock_timeout
+            inner,
+            policy,
+            file_lock=file_lock,
+            on_rmw=on_rmw,
+            on_lock_timeout=on_lock_timeout,
+            on_blocked=on_blocked,
         )
         self.data_file = data_file
 
@@ -71,9 +78,10 @@ class DataFileGuard(Sector0Guard):
 class GuardedDataFile(HostFile):
     """An external data file whose sector 0 never becomes an image-format header."""
 
-    def __init__(self, file: OpenedFile, policy: GuardPolicy) -> None:
+    def __init__(self, file: OpenedFile, policy: GuardPolicy, on_blocked: BlockedReport) -> None:
         super().__init__(file)
         self.policy = policy
+        self._on_blocked = on_blocked
 
     def write(self, data: Buffer, offset: int) -> None:
         if offset < SECTOR:
@@ -91,5 +99,6 @@ class GuardedDataFile(HostFile):
         if sector == original:
             return
         detected = self.policy.detect(sector)
-        if detected is not None:
-            raise HeaderWriteBlocked(detected, bytes(sector[:16]))
+        if detected is not None:  # the guest offset is not known here: the host offset is
+            request = ("write", offset, len(view))
+            raise report_refusal(self._on_blocked, detected, sector, request)

@@ -31,12 +31,23 @@ SECTOR = 512
 
 
 class HeaderWriteBlocked(OSError):
-    """A request would have made sector 0 look like an image-format header."""
+    """A request would have made sector 0 look like an image-format header. The guard
+    reports it itself (audit event, metric) and marks it `reported`: whoever serves the
+    request only answers EPERM."""
 
     def __init__(self, detected_format: str, sector_head: bytes) -> None:
         super().__init__(errno.EPERM, f"write would create a {detected_format} header in sector 0")
         self.format = detected_format
         self.sector_head = sector_head  # first 16 bytes of the refused sector, for the audit log
+        self.reported = False
+
+
+# (refusal, command, offset, length): the audit hook, given the request that was refused
+BlockedReport = Callable[[HeaderWriteBlocked, str, int, int], None]
+
+
+def _unreported(blocked: HeaderWriteBlocked, command: str, offset: int, length: int) -> None:
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +94,10 @@ class Sector0Guard(Layer):
         file_lock: FileLock | None = None,
         on_rmw: Callable[[], None] = lambda: None,
         on_lock_timeout: Callable[[], None] = lambda: None,
+        on_blocked: BlockedReport = _unreported,
     ) -> None:
         super().__init__(inner)
+        self._on_blocked = on_blocked
         self.policy = policy
         self._lock = threading.Lock()
         self._file_lock: FileLock = file_lock or _NoFileLock()
@@ -116,7 +129,7 @@ class Sector0Guard(Layer):
         def patch(sector: bytearray, start: int, end: int) -> None:
             sector[start:end] = view[: end - start]
 
-        self._check_and_write(patch, offset, stop)
+        self._check_and_write(patch, offset, stop, ("write", offset, len(view)))
         if len(view) > stop - offset:
             self.inner.pwrite(view[stop - offset :], stop)
 
@@ -132,7 +145,7 @@ class Sector0Guard(Layer):
 
         def zero_head() -> None:
             stop = min(offset + length, self._sector_size)
-            self._check_and_write(_zero, offset, stop)
+            self._check_and_write(_zero, offset, stop, ("write_zeroes", offset, length))
             if offset + length > stop:
                 rest = offset + length - stop
                 self.inner.write_zeroes(stop, rest, may_trim=may_trim, fast=fast)
@@ -147,7 +160,7 @@ class Sector0Guard(Layer):
 
         def trim_head() -> None:
             stop = min(offset + length, self._sector_size)
-            self._check_and_write(_zero, offset, stop)
+            self._check_and_write(_zero, offset, stop, ("trim", offset, length))
             if offset + length > stop:
                 self.inner.trim(stop, offset + length - stop)
 
@@ -189,18 +202,31 @@ class Sector0Guard(Layer):
         finally:
             self._lock.release()
 
-    def _check_and_write(self, patch: Patch, start: int, stop: int) -> None:
-        """Read sector 0, apply the request to a private copy, refuse a header, write the
-        checked bytes. The caller holds the locks and writes the rest of the request."""
+    def _check_and_write(
+        self, patch: Patch, start: int, stop: int, request: tuple[str, int, int]
+    ) -> None:
+        """Read sector 0, apply the request to a private copy, refuse a header (reported
+        with `request`: command, offset, length), write the checked bytes. The caller holds
+        the locks and writes the rest of the request."""
         original = bytes(self.inner.pread(0, self._sector_size))
         sector = bytearray(original)
         patch(sector, start, stop)
         if sector != original:
             detected = self.policy.detect(sector)
             if detected is not None:
-                raise HeaderWriteBlocked(detected, bytes(sector[:16]))
+                raise report_refusal(self._on_blocked, detected, sector, request)
             self.inner.pwrite(sector, 0)
         self._on_rmw()
+
+
+def report_refusal(
+    on_blocked: BlockedReport, detected: str, sector: bytearray, request: tuple[str, int, int]
+) -> HeaderWriteBlocked:
+    """The refusal of `request` (command, offset, length), reported through `on_blocked`."""
+    blocked = HeaderWriteBlocked(detected, bytes(sector[:16]))
+    on_blocked(blocked, *request)
+    blocked.reported = True
+    return blocked
 
 
 def _zero(sector: bytearray, start: int, stop: int) -> None:

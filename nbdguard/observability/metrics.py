@@ -211,6 +211,7 @@ class Metrics:
         for existing in self.exports:
             if existing.export == export:
                 existing.per_request = per_request
+                existing.opening()
                 return existing
         return ExportMetrics(self, export, per_request=per_request)
 
@@ -255,6 +256,8 @@ class ExportMetrics:
         self.other = CommandStats()
         self.errors: dict[tuple[str, int], int] = {}
         self.in_flight = 0
+        self.buffered_bytes = 0  # held by this export's connections (budget.py)
+        self.throttled_seconds = 0.0  # spent by them not being read, at their byte budget
         self._connections = metrics.connections.labels(export=export)
         self._connections_total = metrics.connections_total.labels(export=export)
         rmw = metrics.sector0_rmw.labels(export=export)
@@ -263,7 +266,14 @@ class ExportMetrics:
         metrics.sector_lock_timeouts.labels(export=export)
         for reason in CHAIN_REFUSAL_REASONS:
             metrics.chain_refused.labels(export=export, reason=reason)
+        self._header_reported = False
         metrics.exports.append(self)
+
+    def opening(self) -> None:
+        """The export is being opened (again): what sector 0 held is not known yet (an
+        export refused for its header then has no existing_header series at all)."""
+        self._header_reported = False
+        self._set_existing_header(None, 0)
 
     def opened(self, *, size: int, fmt: str, read_only: bool, header_guard: str) -> None:
         """The export is served: its static series, and zeros for every header format its
@@ -274,7 +284,8 @@ class ExportMetrics:
                 metrics.header_writes_blocked.labels(
                     export=self.export, format=rule.format, command=command
                 )
-        self._set_existing_header(NO_HEADER, 0)
+        if not self._header_reported:
+            self._set_existing_header(NO_HEADER, 0)
         self.metrics.export_size.labels(export=self.export).set(size)
         self.metrics.export_info.labels(
             export=self.export,
@@ -323,6 +334,12 @@ class ExportMetrics:
     def written_bytes(self) -> int:
         return self.commands[_WRITE].bytes
 
+    def buffered(self, delta: int) -> None:
+        self.buffered_bytes += delta
+
+    def throttled(self, seconds: float) -> None:
+        self.throttled_seconds += seconds
+
     def blocked(self, detected_format: str, command: str) -> None:
         self.metrics.header_writes_blocked.labels(
             export=self.export, format=detected_format, command=command
@@ -335,15 +352,19 @@ class ExportMetrics:
         self.metrics.qcow2_corruption.labels(export=self.export, kind=kind).inc()
 
     def existing_header(self, detected_format: str) -> None:
+        """Reported while the export opens, before `opened`."""
+        self._header_reported = True
         self._set_existing_header(detected_format, 1)
 
-    def _set_existing_header(self, fmt: str, value: int) -> None:
-        """One series per export: format="none" at 0, or the detected format at 1."""
+    def _set_existing_header(self, fmt: str | None, value: int) -> None:
+        """One series per export: format="none" at 0, or the detected format at 1 (None:
+        no series)."""
         gauge = self.metrics.existing_header
         for labels in _label_sets(gauge):
             if labels["export"] == self.export and labels["format"] != fmt:
                 gauge.remove(self.export, labels["format"])
-        gauge.labels(export=self.export, format=fmt).set(value)
+        if fmt is not None:
+            gauge.labels(export=self.export, format=fmt).set(value)
 
 
 def _label_sets(metric: Gauge) -> list[dict[str, str]]:
@@ -388,6 +409,16 @@ class _RequestCollector(Collector):
             "Requests received and not yet answered.",
             labels=["export"],
         )
+        buffered = GaugeMetricFamily(
+            "nbdguard_buffered_bytes",
+            "Reply and payload bytes held in memory for the export's connections.",
+            labels=["export"],
+        )
+        throttled = CounterMetricFamily(
+            "nbdguard_throttled_seconds",
+            "Time the export's connections were not read because they held their byte budget.",
+            labels=["export"],
+        )
         for export in list(self._metrics.exports):
             name = export.export
             items = [(command_label(code), st) for code, st in export.commands.items()]
@@ -404,4 +435,6 @@ class _RequestCollector(Collector):
             read.add_metric([name], export.read_bytes)
             written.add_metric([name], export.written_bytes)
             in_flight.add_metric([name], export.in_flight)
-        return [requests, errors, latency, read, written, in_flight]
+            buffered.add_metric([name], export.buffered_bytes)
+            throttled.add_metric([name], export.throttled_seconds)
+        return [requests, errors, latency, read, written, in_flight, buffered, throttled]

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbdguard.observability.logging import get_logger
 from nbdguard.observability.metrics import ExportMetrics
+
+if TYPE_CHECKING:
+    from nbdguard.guard.sector0 import HeaderWriteBlocked
 
 # Who is being served right now ({"conn": 7, "client": "unix:uid=1000"}): set by the
 # connection around the requests it hands to the device stack (once per receive, not per
@@ -32,6 +35,34 @@ class ExportReporter:
         """The guard read-modify-wrote sector 0."""
         if self.metrics is not None:
             self.metrics.count_rmw()
+
+    def header_write_blocked(
+        self, blocked: HeaderWriteBlocked, command: str, offset: int, length: int
+    ) -> None:
+        """The guard refused a request that would have made sector 0 an image header."""
+        if self.metrics is not None:
+            self.metrics.blocked(blocked.format, command)
+        self.log.warning(
+            "guard.header_write_blocked",
+            **connection_context.get(),
+            command=command,
+            offset=offset,
+            length=length,
+            format=blocked.format,
+            sector_head=blocked.sector_head.hex(),
+        )
+
+    def existing_header(self, detected: str, path: str) -> None:
+        """Sector 0 already matched a header rule when the export opened (and is served)."""
+        if self.metrics is not None:
+            self.metrics.existing_header(detected)
+        self.log.warning(
+            "export.existing_header",
+            path=path,
+            format=detected,
+            message="sector 0 already matches an image-format header; probing tools "
+            "would misread this raw image",
+        )
 
     def sector_lock_timeout(self) -> None:
         """A sector-0 write gave up waiting for a lock another process held (EIO)."""

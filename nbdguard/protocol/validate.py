@@ -57,6 +57,7 @@ _RANGED = frozenset(
     )
 )
 _READ = int(Command.READ)
+_WRITE = int(Command.WRITE)
 _BLOCK_STATUS = int(Command.BLOCK_STATUS)
 _DF = int(CommandFlag.DF)
 _OK, _EINVAL, _EPERM, _ENOSPC, _EOVERFLOW = (
@@ -72,7 +73,7 @@ def validate(request: Request, limits: SessionLimits) -> NBDError:
     """Return the error the request must be answered with, or NBDError.OK."""
     command = request.command
     forbidden = _FORBIDDEN_FLAGS.get(command)
-    if forbidden is None or request.flags & forbidden or request.oversized:
+    if forbidden is None or request.flags & forbidden:
         return _EINVAL
     if command in _MODIFYING and limits.read_only:
         return _EPERM
@@ -81,6 +82,9 @@ def validate(request: Request, limits: SessionLimits) -> NBDError:
             return _EINVAL
         if request.length > limits.max_payload:
             return _EOVERFLOW
+    elif command == _WRITE:
+        if request.length > limits.max_payload:
+            return _EINVAL  # its payload is still received (and dropped): the stream stays framed
     elif command == _BLOCK_STATUS and (not limits.has_meta_context or not request.length):
         return _EINVAL
     if command in _RANGED and request.offset + request.length > limits.size:

@@ -13,14 +13,14 @@ from typing import Any
 
 from nbdguard.config import Config, ConfigError, ExportConfig, load_config
 from nbdguard.errors import ChainRefused, ExportOpenError, NbdguardError
-from nbdguard.guard.sector0 import Sector0Guard
 from nbdguard.observability.http import OperatorEndpoint
 from nbdguard.observability.logging import get_logger
 from nbdguard.observability.metrics import Metrics
 from nbdguard.protocol.handshake import HandshakeLimits
 from nbdguard.server import listeners
 from nbdguard.server.admission import Admission
-from nbdguard.server.connection import Connection
+from nbdguard.server.budget import MemoryBudget
+from nbdguard.server.connection import Connection, ConnectionSettings
 from nbdguard.server.exports import (
     CloseFailed,
     CloseFailure,
@@ -44,7 +44,10 @@ class Server:
             max_option_length=config.server.max_option_length,
         )
         self.tls_context = server_context(config.server.tls)
-        self.handshake_timeout = config.server.handshake_timeout
+        self.connection_settings = ConnectionSettings.from_config(config.server)
+        self.budget = MemoryBudget(
+            config.server.memory_budget, config.server.max_buffered_bytes_per_connection
+        )
         self.max_connections = config.server.max_connections
         self.connections: set[Connection] = set()
         self.admission = Admission(
@@ -56,7 +59,6 @@ class Server:
         self._socket_files: list[listeners.SocketFile] = []  # ours to remove at close
         self._stop = asyncio.Event()
         self.metrics = Metrics()
-        self.debug = config.server.log_level == "debug"
         self._endpoint: OperatorEndpoint | None = None
         self._stopping = False
 
@@ -131,7 +133,6 @@ class Server:
             read_only=export_config.read_only,
             header_guard=export_config.header_guard,
         )
-        self._report_existing_header(export)
         self.log.info(
             "export.opened",
             export=export.name,
@@ -164,21 +165,6 @@ class Server:
             reason=err.reason,
             message=str(err),
         )
-
-    def _report_existing_header(self, export: Export) -> None:
-        if not isinstance(export.device, Sector0Guard):
-            return
-        detected = export.device.existing_header()
-        if detected is not None:
-            export.metrics.existing_header(detected)
-            self.log.warning(
-                "export.existing_header",
-                export=export.name,
-                path=str(export.config.path),
-                format=detected,
-                message="sector 0 already matches an image-format header; probing tools "
-                "would misread this raw image",
-            )
 
     def _start_metrics(self) -> None:
         endpoint = self.config.server.metrics_listen
@@ -220,7 +206,7 @@ class Server:
         return True, "ok"
 
     def _factory(self, listener: str) -> Any:
-        return lambda: Connection(self, listener)
+        return lambda: Connection(self, listener, self.connection_settings)
 
     async def serve(self) -> None:
         """Serve until SIGINT/SIGTERM, then shut down gracefully (a second signal forces

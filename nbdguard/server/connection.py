@@ -1,23 +1,33 @@
 """asyncio glue for one client connection: receive into the protocol's buffers,
 hand events to the dispatcher, and write replies with transport-level backpressure.
+
+A connection goes through explicit phases (`Phase`): the handshake (a TLS upgrade
+included), transmission, closing (NBD_CMD_DISC or shutdown: nothing more is read while
+replies drain) and closed. It reads its settings from a `ConnectionSettings`, made once from
+the config, and reports what it holds to the server's `MemoryBudget`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import errno
 import itertools
 import socket
 import ssl
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from time import perf_counter
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, cast
 
+from nbdguard.config import ServerConfig, TlsMode
+from nbdguard.observability.reporter import connection_context
 from nbdguard.protocol.constants import Command
 from nbdguard.protocol.handshake import Handshake, HandshakeClosed, HandshakeDone, StartTls
-from nbdguard.protocol.transmission import ProtocolViolation, Request, RequestParser
+from nbdguard.protocol.transmission import Data, Event, ProtocolViolation, RequestParser
 from nbdguard.protocol.validate import SessionLimits
 from nbdguard.server.access import ClientIdentity, ClientView
 from nbdguard.server.admission import certificate_key, client_key
@@ -34,12 +44,44 @@ HANDSHAKE_BUFFER = 64 * 1024
 TURN_BUDGET = 0.005  # seconds one connection serves requests before the others get a turn
 
 
+class Phase(enum.Enum):
+    HANDSHAKE = "handshake"  # greeting sent, options being negotiated (STARTTLS included)
+    TRANSMISSION = "transmission"
+    CLOSING = "closing"  # DISC or shutdown: nothing more is read, replies drain
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSettings:
+    """What a connection needs of the config, read once."""
+
+    handshake_timeout: float
+    idle_timeout: float
+    send_buffer: int
+    max_requests_in_flight: int
+    tls_mode: TlsMode
+    debug: bool
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> ConnectionSettings:
+        return cls(
+            handshake_timeout=config.handshake_timeout,
+            idle_timeout=config.idle_timeout,
+            send_buffer=config.send_buffer,
+            max_requests_in_flight=config.max_requests_in_flight,
+            tls_mode=config.tls.mode,
+            debug=config.log_level == "debug",
+        )
+
+
 class Connection(asyncio.BufferedProtocol):
     """One NBD client, from greeting to disconnect."""
 
-    def __init__(self, server: Server, listener: str) -> None:
+    def __init__(self, server: Server, listener: str, settings: ConnectionSettings) -> None:
         self.server = server
+        self.settings = settings
         self.id = next(_ids)
+        self.phase = Phase.HANDSHAKE
         self.log = server.log.bind(conn=self.id, listener=listener)
         self.transport: asyncio.Transport | None = None
         self.client = ClientIdentity(None)
@@ -51,19 +93,22 @@ class Connection(asyncio.BufferedProtocol):
         self._handshake_view = memoryview(bytearray(HANDSHAKE_BUFFER))
         self._deadline: asyncio.TimerHandle | None = None
         self._write_paused = False
-        self._stopped_reading = False
         self._busy = False  # too many replies being worked on: stop reading requests
         self._yielded = False  # turn budget spent with requests left: others go first
-        self._over_budget = False  # replies hold too many bytes: serve more once they drain
-        self._budget = server.config.server.max_buffered_bytes_per_connection
-        self._backlog: deque[Request] = deque()
+        self._over_budget = False  # holds too many bytes: read more once they drain
+        self._budget = server.budget
+        self._account = self._budget.open(self._budget_freed)
+        self._limit = self._budget.per_connection  # checked per request; the rest per batch
+        self._backlog: deque[Event] = deque()
         self._closer: asyncio.Future[None] | None = None
         self.closed = asyncio.get_running_loop().create_future()
-        self._lost = False
         self._writer: ReplyWriter | None = None  # made when transmission starts
         self._loop = asyncio.get_running_loop()
         self._idle_timer: asyncio.TimerHandle | None = None
         self._last_request = 0.0
+        self._context: MappingProxyType[str, Any] = MappingProxyType({"conn": self.id})
+        self._lost = False
+        self._reported = 0  # bytes held as last counted in the export's gauge
 
     # -- asyncio callbacks ---------------------------------------------------------
 
@@ -71,23 +116,26 @@ class Connection(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         transport = self.transport
         peer = transport.get_extra_info("peername")
-        self.log = self.log.bind(client=_format_peer(peer))
+        described = _format_peer(peer)
+        self.log = self.log.bind(client=described)
+        self._context = MappingProxyType({"conn": self.id, "client": described})
         self.client = ClientIdentity.from_peer(peer)
         key = client_key(self.client, transport.get_extra_info("socket"))
         refused = self.server.admission.admit(self, key, self._loop.time())
         if refused is not None:
+            self.phase = Phase.CLOSED
             self._refuse(refused, key)
             return
         self.server.connections.add(self)
-        _size_send_buffer(transport, self.server.config.server.send_buffer)
+        _size_send_buffer(transport, self.settings.send_buffer)
         self.handshake = Handshake(
             ClientView(self.server.registry, self.client, self._limit_hit),
             self.server.handshake_limits,
-            tls_mode=self.server.config.server.tls.mode,
+            tls_mode=self.settings.tls_mode,
         )
         transport.write(self.handshake.data_to_send())
         loop = asyncio.get_running_loop()
-        self._deadline = loop.call_later(self.server.handshake_timeout, self._handshake_expired)
+        self._deadline = loop.call_later(self.settings.handshake_timeout, self._handshake_expired)
         self.log.debug("connection.opened")
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -96,10 +144,12 @@ class Connection(asyncio.BufferedProtocol):
         return self._handshake_view
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.parser is not None:
+        phase = self.phase
+        if phase is Phase.TRANSMISSION:
             self._receive_requests(nbytes)
-        elif self.handshake is not None:
+        elif phase is Phase.HANDSHAKE and self.handshake is not None:
             self._receive_handshake(self._handshake_view[:nbytes])
+        # closing: what a client sends after DISC (or during shutdown) is not read
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -108,17 +158,21 @@ class Connection(asyncio.BufferedProtocol):
         if self._lost:  # a failed TLS upgrade may report the loss twice
             return
         self._lost = True
+        self.phase = Phase.CLOSED
         if self._deadline is not None:
             self._deadline.cancel()
         self.server.connections.discard(self)
         self.server.admission.release(self)
-        self._backlog.clear()
+        self._release_backlog()
         if self.handshake is not None:
             self._handshake_failed("disconnected", "client closed during the handshake", clean=True)
         if self.dispatcher is not None:
             self.dispatcher.shutting_down = True
             self.dispatcher.metrics.connection_closed()
+        throttled = self._budget.close(self._account)
         if self.export is not None:
+            self.export.metrics.buffered(-self._reported)
+            self.export.metrics.throttled(throttled)
             self.export.detach()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
@@ -144,12 +198,42 @@ class Connection(asyncio.BufferedProtocol):
             self._check_budget()
         self._set_reading()
 
+    # -- byte budget -------------------------------------------------------------
+
+    def _held(self) -> int:
+        writer, dispatcher = self._writer, self.dispatcher
+        held = writer.buffered() if writer is not None else 0
+        return held + (dispatcher.held if dispatcher is not None else 0)
+
     def _check_budget(self) -> None:
-        """Replies held past the byte budget have drained: serve the backlog again."""
-        writer = self._writer
-        if self._over_budget and writer is not None and writer.buffered() <= self._budget:
+        """Report what this connection holds; stop reading past the budget, and serve the
+        backlog again once it has drained."""
+        held = self._held()
+        self._budget.update(self._account, held)
+        if self.export is not None and held != self._reported:
+            self.export.metrics.buffered(held - self._reported)
+            self._reported = held
+        gathering = self.dispatcher is not None and self.dispatcher.gathering
+        over = self._budget.over(self._account, gathering=gathering)
+        if over and not self._over_budget:
+            self._over_budget = True
+            self.server.metrics.limit_hit("max_buffered_bytes_per_connection")
+            self._set_reading()
+        elif not over and self._over_budget:
             self._over_budget = False
+            if self.export is not None:
+                self.export.metrics.throttled(self._budget.unthrottled(self._account))
             self._loop.call_soon(self._next_turn)
+
+    def _released(self) -> None:
+        """The dispatcher let go of bytes outside a receive (a write done off the loop)."""
+        if self.phase is not Phase.CLOSED:
+            self._check_budget()
+
+    def _budget_freed(self) -> None:
+        """The server's budget has room again (another connection drained)."""
+        if self._over_budget:
+            self._loop.call_soon(self._check_budget)
 
     # -- handshake -------------------------------------------------------------------
 
@@ -161,6 +245,7 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.write(pending)
         if isinstance(event, HandshakeClosed):
             self._handshake_failed(event.code, event.reason, clean=event.clean)
+            self.phase = Phase.CLOSING
             self.transport.close()
         elif isinstance(event, HandshakeDone):
             self._enter_transmission(event)
@@ -177,7 +262,7 @@ class Connection(asyncio.BufferedProtocol):
                 self,
                 self.server.tls_context,
                 server_side=True,
-                ssl_handshake_timeout=self.server.handshake_timeout,
+                ssl_handshake_timeout=self.settings.handshake_timeout,
             )
         except (OSError, ssl.SSLError) as err:  # TimeoutError is an OSError
             if self.handshake is not None:
@@ -207,6 +292,7 @@ class Connection(asyncio.BufferedProtocol):
         self.export = export
         self.export_name = export.name
         self.log = self.log.bind(export=export.name)
+        self._context = MappingProxyType({**self._context, "export": export.name})
         limits = SessionLimits.for_export(
             done.export.size,
             done.flags,
@@ -220,19 +306,21 @@ class Connection(asyncio.BufferedProtocol):
             done.meta_contexts,
             self._send,
             self.log,
-            debug=self.server.debug,
-            max_in_flight=self.server.config.server.max_requests_in_flight,
+            debug=self.settings.debug,
+            max_in_flight=self.settings.max_requests_in_flight,
             on_busy=self._set_busy,
+            on_released=self._released,
         )
         export.metrics.connection_opened()
         self._writer = ReplyWriter(self.transport, self._output_failed)
-        self.parser = RequestParser(done.export.max_payload)
+        self.parser = RequestParser()
         self.handshake = None
+        self.phase = Phase.TRANSMISSION
         self.log.info(
             "connection.ready", structured_replies=done.structured_replies, flags=done.flags
         )
         self._last_request = self._loop.time()
-        idle_timeout = self.server.config.server.idle_timeout
+        idle_timeout = self.settings.idle_timeout
         if idle_timeout:
             self._idle_timer = self._loop.call_later(idle_timeout, self._check_idle)
         if done.leftover:
@@ -241,7 +329,7 @@ class Connection(asyncio.BufferedProtocol):
     def _check_idle(self) -> None:
         """Close a connection that sent no request for idle_timeout seconds (and has none
         in flight); checked by one timer, not per request."""
-        timeout = self.server.config.server.idle_timeout
+        timeout = self.settings.idle_timeout
         idle = self._loop.time() - self._last_request
         busy = self.dispatcher is not None and bool(self.dispatcher.tasks or self._backlog)
         if idle < timeout or busy:
@@ -289,7 +377,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _handshake_expired(self) -> None:
         if self.handshake is not None and self.transport is not None:
-            reason = f"no export chosen within {self.server.handshake_timeout} s"
+            reason = f"no export chosen within {self.settings.handshake_timeout} s"
             self._handshake_failed("timeout", reason, clean=False)
             self.transport.abort()
 
@@ -305,26 +393,20 @@ class Connection(asyncio.BufferedProtocol):
     def _receive_requests(self, nbytes: int) -> None:
         self._last_request = self._loop.time()  # idle_timeout and eviction measure from it
         self._serve_all(self._parse(lambda parser: parser.buffer_updated(nbytes)))
-        parser = self.parser
-        if parser is not None and not self._backlog:
-            partial = parser.partial_write()  # every request before it has been served
-            if partial is not None:
-                assert self.dispatcher is not None
-                self.dispatcher.payload_arrived(*partial)
 
-    def _parse(self, feed: Any) -> list[Request]:
+    def _parse(self, feed: Any) -> list[Event]:
         assert self.parser is not None and self.transport is not None
         try:
-            requests: list[Request] = feed(self.parser)
+            events: list[Event] = feed(self.parser)
         except ProtocolViolation as err:
             self.log.warning("protocol.violation", reason=str(err))
             self.transport.abort()
             return []
-        return requests
+        return events
 
-    def _serve_all(self, requests: list[Request]) -> None:
-        """Serve requests in order; while too many replies are pending, keep the rest in a
-        backlog (reading is paused, so their payload views stay valid until served).
+    def _serve_all(self, events: list[Event]) -> None:
+        """Hand events to the dispatcher in order; while too many replies are pending, keep
+        the rest in a backlog (reading is paused meanwhile).
 
         Replies made meanwhile are gathered and written once, as one writev, instead of one
         send per reply: with many requests per receive that is most of the syscalls.
@@ -335,28 +417,32 @@ class Connection(asyncio.BufferedProtocol):
         """
         dispatcher, writer = self.dispatcher, self._writer
         assert dispatcher is not None and writer is not None
-        self._backlog.extend(requests)
+        backlog = self._backlog
+        backlog.extend(events)
         deadline = perf_counter() + TURN_BUDGET
+        limit = self._limit
+        full = False
+        token = connection_context.set(self._context)
         writer.cork()
         try:
-            while self._backlog and not self._busy:
-                request = self._backlog.popleft()
-                if request.command == _DISC:
-                    self._backlog.clear()
+            while backlog and not self._busy and not self._over_budget:
+                event = backlog.popleft()
+                if event.__class__ is not Data and event.command == _DISC:  # type: ignore[union-attr]
                     self._disconnect()
                     return
-                dispatcher.handle(request)
-                if self._backlog and writer.buffered() > self._budget:
-                    self._over_budget = True  # resume_writing serves the rest
-                    self.server.metrics.limit_hit("max_buffered_bytes_per_connection")
-                    self._set_reading()
-                    return
-                if self._backlog and perf_counter() >= deadline:
+                dispatcher.receive(event)
+                if backlog and writer.buffered() + dispatcher.held > limit:
+                    full = True  # _check_budget below decides: stop reading, or go on later
+                    break
+                if backlog and perf_counter() >= deadline:
                     self._yield_turn()
-                    return
+                    break
         finally:
             writer.uncork()
-            self._check_budget()  # what uncork sent may have fit at once
+            connection_context.reset(token)
+        self._check_budget()  # what uncork sent may have fit at once
+        if full and not self._over_budget and not self._yielded:
+            self._yield_turn()
 
     def _yield_turn(self) -> None:
         self._yielded = True
@@ -367,16 +453,22 @@ class Connection(asyncio.BufferedProtocol):
         """Scheduled with call_soon: runs on the loop's next iteration, after the I/O
         callbacks of every other connection that was ready meanwhile."""
         self._yielded = False
-        if self._lost or self.dispatcher is None or self._writer is None:
+        if self.phase is not Phase.TRANSMISSION:
             return
         self._serve_all([])
         self._set_reading()
 
+    def _release_backlog(self) -> None:
+        for event in self._backlog:
+            if event.__class__ is Data:
+                event.release()
+        self._backlog.clear()
+
     def _disconnect(self) -> None:
         """NBD_CMD_DISC: stop reading, finish what is in flight, then close."""
-        self._stopped_reading = True
+        self._release_backlog()
+        self.phase = Phase.CLOSING
         self._set_reading()
-        self.parser = None
         self.log.debug("connection.disc")
         self._start_closing()
 
@@ -415,7 +507,7 @@ class Connection(asyncio.BufferedProtocol):
         if busy:
             self.server.metrics.limit_hit("max_requests_in_flight")
         self._busy = busy
-        if not busy and self._backlog:
+        if not busy and self._backlog and self.phase is Phase.TRANSMISSION:
             self._serve_all([])
         self._set_reading()
 
@@ -425,7 +517,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         if (
             self._write_paused
-            or self._stopped_reading
+            or self.phase is not Phase.TRANSMISSION
             or self._busy
             or self._yielded
             or self._over_budget

@@ -4,10 +4,9 @@ Fast operations (pread, pwrite, fallocate, lseek) run inline on the event loop
 and reply at once; flushes (FLUSH, FUA) run in a worker thread, so their replies
 may overtake or trail others: NBD replies are matched by cookie.
 
-A large WRITE may be written in parts while its payload arrives (`payload_arrived`),
-where the device accepts that: the client refills the socket while we write instead
-of both waiting in turn. A client that disconnects mid-payload may leave such a
-write partly applied, as NBD allows for any write it was never answered.
+A WRITE's payload comes in pieces, and is written in parts as it arrives where the
+device accepts that (writes.py): the client refills the socket while we write instead
+of both waiting in turn.
 
 No request holds the loop for long, whatever it asks: TRIM, WRITE_ZEROES and CACHE run
 in slices, and when a turn's budget is spent the rest continues in a task that yields
@@ -23,7 +22,6 @@ from time import perf_counter
 from typing import Any
 
 from nbdguard.errors import nbd_error_for
-from nbdguard.guard.sector0 import HeaderWriteBlocked
 from nbdguard.observability.metrics import command_label
 from nbdguard.protocol import wire
 from nbdguard.protocol.constants import (
@@ -33,11 +31,12 @@ from nbdguard.protocol.constants import (
     CommandFlag,
     NBDError,
 )
-from nbdguard.protocol.transmission import Request
+from nbdguard.protocol.transmission import Data, Event, Request
 from nbdguard.protocol.validate import SessionLimits, validate
 from nbdguard.server.exports import Export
 from nbdguard.server.output import Deferred
-from nbdguard.storage.device import BlockDevice, Buffer, Extent, FileRange, WouldBlock
+from nbdguard.server.writes import IncomingWrite
+from nbdguard.storage.device import Buffer, Extent, FileRange, WouldBlock
 
 ZERO = int(AllocationFlag.ZERO)  # OFFSET_HOLE means "reads as zeroes"
 # Per-request tests use plain ints: `int & IntFlag` builds a new enum object every time.
@@ -50,22 +49,19 @@ _OK = NBDError.OK
 
 SPARSE_READ_MIN = 64 * 1024  # smaller reads are sent as data: a hole probe costs more
 RANGE_READ_MIN = 64 * 1024  # from here up, data the device holds in a file goes by sendfile
-PART_WRITE_MIN = 64 * 1024  # a payload's arrived bytes are written once this many are new
 DEFERRED_PIECE = 1 << 20  # a deferred structured read is made this much at a time
 READ_MAX_EXTENTS = 64
 STATUS_MAX_EXTENTS = 4096
 STATUS_STEP = 256  # extents asked of the device per call, so the time budget is checked
 STATUS_BUDGET = 0.002  # seconds of loop time one BLOCK_STATUS context may take
+OFF_LOOP_WRITE = 1 << 20  # a write this long, gathered whole, is written off the loop
 SLICE_MIN = 2 << 20  # slices end on multiples of this: whole qcow2 clusters (≤ 2 MiB)
 SLICE_MAX = 1 << 30
 TURN_BUDGET = 0.004  # seconds of loop time a sliced request takes before it yields
-Data = Buffer | FileRange | Deferred
-Send = Callable[[Sequence[Data]], None]
+ReplyPiece = Buffer | FileRange | Deferred
+Send = Callable[[Sequence[ReplyPiece]], None]
 
-
-# Commands whose device call may raise WouldBlock to handle(): their reply is a write's
-# reply. (Sliced commands, TRIM and WRITE_ZEROES, wait for their blocked slice themselves.)
-_RETRIED_WRITES = frozenset({Command.WRITE})
+_WRITE = int(Command.WRITE)
 
 
 class Dispatcher:
@@ -82,6 +78,7 @@ class Dispatcher:
         debug: bool = False,
         max_in_flight: int = 256,
         on_busy: Callable[[bool], None] = lambda busy: None,
+        on_released: Callable[[], None] = lambda: None,
     ) -> None:
         self.export = export
         self.device = export.device
@@ -97,80 +94,129 @@ class Dispatcher:
         self.tasks: set[asyncio.Task[None]] = set()  # replies still being worked on
         self.max_in_flight = max_in_flight
         self.on_busy = on_busy
+        self.on_released = on_released  # held bytes were let go outside a receive
+        self._writing = 0  # bytes of gathered writes being written off the loop
         self.shutting_down = False
-        self._partial: PartialWrite | None = None  # the WRITE being written as it arrives
+        self._incoming: IncomingWrite | None = None  # the WRITE whose payload is arriving
         # Sliced work runs one request at a time per connection: a client that pipelines many
         # costly ranges gets one turn per loop iteration, not one per request.
         self._slicing = asyncio.Lock()
 
-    def handle(self, request: Request) -> None:
-        """Serve one request; replies are sent inline, or later by a task (flushes)."""
-        partial = self._partial
-        if partial is not None and partial.request is request:
-            self._finish_partial(partial)
+    def receive(self, event: Event) -> None:
+        """The one entry point: a request's header, or a piece of a WRITE's payload. Each
+        request is validated once, at its header."""
+        if event.__class__ is Data:
+            self._payload(event)
+        else:
+            self._request(event)  # type: ignore[arg-type]
+
+    @property
+    def held(self) -> int:
+        """Payload bytes this connection has copied and not yet written."""
+        incoming = self._incoming
+        return self._writing + (incoming.held if incoming is not None else 0)
+
+    @property
+    def gathering(self) -> bool:
+        """A WRITE that must be seen whole is arriving (its bytes are being gathered)."""
+        incoming = self._incoming
+        return incoming is not None and not incoming.unit and not incoming.error
+
+    def _request(self, request: Request) -> None:
+        error = NBDError.ESHUTDOWN if self.shutting_down else validate(request, self.limits)
+        if request.command == _WRITE:
+            # In flight once its last piece is here: a client that leaves mid-payload never
+            # gets that far. Latency counts from the header.
+            unit = 0 if error else self.device.partial_write_unit(request.offset)
+            self._incoming = IncomingWrite(request, perf_counter(), error, unit)
             return
         started = self._started()
-        error = NBDError.ESHUTDOWN if self.shutting_down else validate(request, self.limits)
         if error:
             self.reply_error(request, error)
             self.finished(request, error, started)
             return
         try:
             pending = _HANDLERS[request.command](self, request, started)
-        except WouldBlock as blocked:
-            if request.command not in _RETRIED_WRITES:  # a device bug, not the client's fault
-                self.finished(request, self.fail(request, blocked), started)
-                return
-            self.spawn(self._retry_then_reply(request, started, blocked.retry))
-            return
-        except Exception as exc:
+        except Exception as exc:  # WouldBlock included: only writes may wait
             self.finished(request, self.fail(request, exc), started)
             return
         if not pending:
             self.finished(request, _OK, started)
 
-    async def _retry_then_reply(
-        self, request: Request, started: float, retry: Callable[[], None]
+    def _payload(self, piece: Data) -> None:
+        incoming = self._incoming
+        assert incoming is not None and incoming.request is piece.request
+        if not piece.final:
+            incoming.add(self.device, piece.data)
+            piece.release()
+            return
+        self._incoming = None
+        self._started()
+        request, started = incoming.request, incoming.started
+        if incoming.error:
+            piece.release()
+            self.reply_error(request, incoming.error)
+            self.finished(request, incoming.error, started)
+            return
+        try:
+            rest = incoming.rest(piece.data)
+            if not incoming.unit and len(rest) >= OFF_LOOP_WRITE:  # gathered: one long pwrite
+                self._writing += len(rest)
+                self.spawn(self._write_off_loop(request, started, rest, piece))
+                return
+            if rest:
+                self.device.pwrite(rest, request.offset + incoming.written)
+            pending = self._finish_write(request, started)
+        except WouldBlock as blocked:  # its bytes stay leased until the retry is done
+            self.spawn(self._retry_then_reply(request, started, blocked.retry, piece))
+            return
+        except Exception as exc:
+            piece.release()
+            self.finished(request, self.fail(request, exc), started)
+            return
+        piece.release()
+        if not pending:
+            self.finished(request, _OK, started)
+
+    async def _write_off_loop(
+        self, request: Request, started: float, data: Buffer, piece: Data
     ) -> None:
-        """A device operation that would have waited (a lock another process holds) runs in
-        a worker thread; the loop serves everyone else meanwhile."""
+        """Write a gathered payload in a worker thread (waiting there for the sector-0 lock
+        if another holds it), so that the loop serves everyone else meanwhile."""
+        device, offset = self.device, request.offset
+
+        def write() -> None:
+            try:
+                device.pwrite(data, offset)
+            except WouldBlock as blocked:
+                blocked.retry()
+
+        try:
+            await asyncio.to_thread(write)
+            pending = self._finish_write(request, started)
+        except Exception as exc:
+            self.finished(request, self.fail(request, exc), started)
+            return
+        finally:
+            piece.release()
+            self._writing -= len(data)
+            self.on_released()
+        if not pending:
+            self.finished(request, _OK, started)
+
+    async def _retry_then_reply(
+        self, request: Request, started: float, retry: Callable[[], None], piece: Data
+    ) -> None:
+        """A write that would have waited (a lock another process holds) runs in a worker
+        thread; the loop serves everyone else meanwhile."""
         try:
             await asyncio.to_thread(retry)
             pending = self._finish_write(request, started)
         except Exception as exc:
             self.finished(request, self.fail(request, exc), started)
             return
-        if not pending:
-            self.finished(request, _OK, started)
-
-    def payload_arrived(self, request: Request, received: int) -> None:
-        """Part of a WRITE's payload is here (the first `received` bytes) and every earlier
-        request has been served: write what has arrived, if the write is valid, the device
-        accepts it in parts and enough is new. handle() writes the rest and replies."""
-        partial = self._partial
-        if partial is None or partial.request is not request:
-            if received < PART_WRITE_MIN or self.shutting_down:
-                return
-            unit = self.device.partial_write_unit(request.offset)
-            if not unit or validate(request, self.limits):
-                return  # handle() answers it as usual once it is whole
-            # Latency counts from here; in-flight from _finish_partial, since a client that
-            # leaves mid-payload never gets that far.
-            partial = self._partial = PartialWrite(request, unit, perf_counter())
-        partial.advance(self.device, received)
-
-    def _finish_partial(self, partial: PartialWrite) -> None:
-        """The last of a WRITE begun in parts: write the rest and reply as any write does,
-        even when shutting down (a write that was begun is finished)."""
-        self._partial = None
-        self._started()
-        request, started = partial.request, partial.started
-        try:
-            partial.complete(self.device)
-            pending = self._finish_write(request, started)
-        except Exception as exc:
-            self.finished(request, self.fail(request, exc), started)
-            return
+        finally:
+            piece.release()
         if not pending:
             self.finished(request, _OK, started)
 
@@ -192,11 +238,11 @@ class Dispatcher:
         return error
 
     def _failed(self, request: Request, exc: BaseException) -> NBDError:
-        """Report a request's failure; returns the error its reply must carry."""
-        if isinstance(exc, HeaderWriteBlocked):
-            self._audit_blocked(request, exc)
-            return NBDError.EPERM
+        """Report a request's failure; returns the error its reply must carry. A layer
+        that reported the failure itself (the guard's refusals) marks it `reported`."""
         error = nbd_error_for(exc)
+        if getattr(exc, "reported", False):
+            return error
         self.log.warning(
             "request.failed",
             command=command_label(request.command),
@@ -206,18 +252,6 @@ class Dispatcher:
             cause=repr(exc),
         )
         return error
-
-    def _audit_blocked(self, request: Request, blocked: HeaderWriteBlocked) -> None:
-        command = command_label(request.command)
-        self.metrics.blocked(blocked.format, command)
-        self.log.warning(
-            "guard.header_write_blocked",
-            command=command,
-            offset=request.offset,
-            length=request.length,
-            format=blocked.format,
-            sector_head=blocked.sector_head.hex(),
-        )
 
     def reply_error(self, request: Request, error: NBDError) -> None:
         if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):
@@ -256,7 +290,7 @@ class Dispatcher:
         self.send([wire.simple_reply(cookie, 0), self.device.pread(offset, length)])
         return False
 
-    def _produce_simple(self, request: Request, started: float) -> list[Data]:
+    def _produce_simple(self, request: Request, started: float) -> list[ReplyPiece]:
         try:
             data = self.device.pread(request.offset, request.length)
         except Exception as exc:
@@ -266,7 +300,9 @@ class Dispatcher:
         self.finished(request, _OK, started)
         return [wire.simple_reply(request.cookie, 0), data]
 
-    def _data_chunk(self, request: Request, offset: int, length: int, *, done: bool) -> list[Data]:
+    def _data_chunk(
+        self, request: Request, offset: int, length: int, *, done: bool
+    ) -> list[ReplyPiece]:
         """One structured data chunk; where its bytes must be read into memory, deferred
         until the output can take it and made in pieces of at most DEFERRED_PIECE."""
         cookie = request.cookie
@@ -278,7 +314,9 @@ class Dispatcher:
         data = self.device.pread(offset, length)
         return [wire.data_chunk_header(cookie, offset, length, done=done), data]
 
-    def _produce_chunk(self, request: Request, offset: int, length: int, done: bool) -> list[Data]:
+    def _produce_chunk(
+        self, request: Request, offset: int, length: int, done: bool
+    ) -> list[ReplyPiece]:
         """The next piece of a deferred data chunk, and a Deferred for the rest; a failure
         is an error chunk for the rest (the reply's other chunks still follow)."""
         cookie, part = request.cookie, min(length, DEFERRED_PIECE)
@@ -288,7 +326,7 @@ class Dispatcher:
             error = self._failed(request, exc)
             return [wire.error_chunk(cookie, error, error.name, offset=offset, done=done)]
         last = part == length
-        pieces: list[Data] = [
+        pieces: list[ReplyPiece] = [
             wire.data_chunk_header(cookie, offset, part, done=done and last),
             data,
         ]
@@ -309,10 +347,10 @@ class Dispatcher:
             return
         self.send(self._sparse_chunks(request, extents))
 
-    def _sparse_chunks(self, request: Request, extents: list[Extent]) -> list[Data]:
+    def _sparse_chunks(self, request: Request, extents: list[Extent]) -> list[ReplyPiece]:
         cookie, offset, length = request.cookie, request.offset, request.length
         end = offset + length
-        pieces: list[Data] = []
+        pieces: list[ReplyPiece] = []
         pos = offset
         for extent_length, flags in extents:
             stop = min(pos + extent_length, end)
@@ -326,11 +364,6 @@ class Dispatcher:
                 return pieces
         pieces += self._data_chunk(request, pos, end - pos, done=True)
         return pieces
-
-    def write(self, request: Request, started: float) -> bool:
-        if request.payload is not None:
-            self.device.pwrite(request.payload, request.offset)
-        return self._finish_write(request, started)
 
     def trim(self, request: Request, started: float) -> bool:
         return self._sliced(request, started, self.device.trim, self._finish_write)
@@ -448,43 +481,6 @@ class Dispatcher:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-class PartialWrite:
-    """A WRITE applied in parts as its payload arrives. A failed part is remembered and
-    raised when the request completes (its payload must still be received, to keep the
-    stream framed); nothing more of it is written after a failure."""
-
-    __slots__ = ("error", "request", "started", "unit", "written")
-
-    def __init__(self, request: Request, unit: int, started: float) -> None:
-        self.request = request
-        self.unit = unit  # parts end on device offsets that are multiples of this
-        self.started = started
-        self.written = 0
-        self.error: Exception | None = None
-
-    def advance(self, device: BlockDevice, received: int) -> None:
-        request = self.request
-        end = (request.offset + received) // self.unit * self.unit - request.offset
-        if end - self.written < PART_WRITE_MIN or self.error is not None:
-            return
-        assert request.payload is not None
-        part = memoryview(request.payload)[self.written : end]
-        try:
-            device.pwrite(part, request.offset + self.written)
-        except Exception as exc:
-            self.error = exc
-        self.written = end
-
-    def complete(self, device: BlockDevice) -> None:
-        if self.error is not None:
-            raise self.error
-        request = self.request
-        assert request.payload is not None
-        if self.written < request.length:
-            rest = memoryview(request.payload)[self.written :]
-            device.pwrite(rest, request.offset + self.written)
-
-
 StatusCall = Callable[[int, int, int], list[Extent]]  # (offset, length, max_extents)
 
 
@@ -553,7 +549,6 @@ class Slices:
 
 _HANDLERS: dict[int, Callable[[Dispatcher, Request, float], bool]] = {
     Command.READ: Dispatcher.read,
-    Command.WRITE: Dispatcher.write,
     Command.FLUSH: Dispatcher.flush,
     Command.TRIM: Dispatcher.trim,
     Command.CACHE: Dispatcher.cache,

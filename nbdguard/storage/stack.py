@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from nbdguard.config import ExportConfig
 from nbdguard.errors import ChainRefused, ExportOpenError, Qcow2Corrupt
 from nbdguard.guard.datafile import DataFileGuard, GuardedDataFile
@@ -65,7 +67,7 @@ def _qcow2(
     if layer.data_file is not None:
         writable = not layer.data_file.read_only
         data = (
-            GuardedDataFile(layer.data_file, policy)
+            GuardedDataFile(layer.data_file, policy, reporter.header_write_blocked)
             if policy is not None and writable
             else HostFile(layer.data_file)
         )
@@ -102,7 +104,11 @@ def _guarded(
     an external data file (see nbdguard.guard.datafile): the file whose sector 0 a prober
     would read is the raw image, or the data file."""
     raw = layer.data_file if layer.data_file is not None else layer.file
-    hooks = {"on_rmw": reporter.count_rmw, "on_lock_timeout": reporter.sector_lock_timeout}
+    hooks: dict[str, Any] = {
+        "on_rmw": reporter.count_rmw,
+        "on_lock_timeout": reporter.sector_lock_timeout,
+        "on_blocked": reporter.header_write_blocked,
+    }
     guard = (
         DataFileGuard(device, policy, raw, file_lock=SectorLock(raw.fd), **hooks)
         if layer.data_file is not None
@@ -117,4 +123,6 @@ def _guarded(
             'on_existing_header = "refuse")',
             reason="existing_header",
         )
+    if existing is not None:
+        reporter.existing_header(existing, str(raw.path))
     return guard

@@ -313,6 +313,12 @@ def test_existing_header_gauge_has_one_series_per_export(tmp_path: Path) -> None
                 fill=QEMU_HEADERS["qcow2"],
                 extra={"on_existing_header": "warn"},
             ),
+            ExportSpec(
+                "refused",
+                size=1 << 20,
+                fill=QEMU_HEADERS["vmdk"],
+                extra={"on_existing_header": "refuse"},
+            ),
         ],
         metrics=True,
     )
@@ -325,6 +331,9 @@ def test_existing_header_gauge_has_one_series_per_export(tmp_path: Path) -> None
     ]
     assert len(lines) == 2, lines
     assert sample(text, "nbdguard_export_existing_header", export="plain", format="none") == 0
+    # refused at open: what sector 0 holds is in the log, and the export is down
+    assert sample(text, "nbdguard_export_existing_header", export="refused") is None
+    assert sample(text, "nbdguard_export_up", export="refused") == 0
     assert (
         sample(text, "nbdguard_export_existing_header", export="misdeclared", format="qcow2") == 1
     )

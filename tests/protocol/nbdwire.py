@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from nbdguard.protocol.constants import IHAVEOPT, REPLY_MAGIC_OPTION, REQUEST_MAGIC
-from nbdguard.protocol.transmission import Request, RequestParser
+from nbdguard.protocol.transmission import Event, RequestParser
 
 OPT_REPLY = struct.Struct(">QIII")
 
@@ -59,7 +59,7 @@ def parse_option_replies(data: bytes) -> list[OptReply]:
 
 def receive_in_pieces(
     parser: RequestParser, data: bytes, chunk: int | None = None
-) -> Iterator[list[Request]]:
+) -> Iterator[list[Event]]:
     """Feed `data` through get_buffer/buffer_updated as asyncio does, at most `chunk` bytes
     per receive, yielding each receive's completed requests: serve them before asking for
     the next batch (payload views are only valid until the next get_buffer)."""

@@ -91,8 +91,8 @@ def make(image: Path, *, structured: bool, read_only: bool = False) -> tuple[Any
 
 
 def serve(dispatcher: Dispatcher, data: bytes) -> None:
-    for req in RequestParser(32 << 20).receive(data):
-        dispatcher.handle(req)
+    for event in RequestParser().receive(data):
+        dispatcher.receive(event)
 
 
 def test_simple_read_reply_carries_the_data(image: Path) -> None:
@@ -217,20 +217,17 @@ async def test_flush_and_fua_reply_after_the_sync(image: Path) -> None:
 
 
 class Arrivals:
-    """Feeds a stream one receive at a time, as the connection does: completed requests are
-    handled, then the dispatcher is told how much of a pending WRITE's payload is here."""
+    """Feeds a stream one receive at a time, as the connection does: each receive's events
+    (headers and payload pieces) go to the dispatcher in order."""
 
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
-        self.parser = RequestParser(32 << 20)
+        self.parser = RequestParser()
 
     def receive(self, data: bytes) -> None:
         for batch in receive_in_pieces(self.parser, data):
-            for req in batch:
-                self.dispatcher.handle(req)
-            partial = self.parser.partial_write()
-            if partial is not None:
-                self.dispatcher.payload_arrived(*partial)
+            for event in batch:
+                self.dispatcher.receive(event)
 
 
 PART = 1 << 20  # payload of the large writes below
@@ -268,7 +265,10 @@ def test_a_write_abandoned_mid_payload_leaves_nothing_in_flight(image: Path) -> 
     export.close()
 
 
-def test_write_to_sector_0_waits_until_whole_and_a_header_writes_nothing(image: Path) -> None:
+async def test_write_to_sector_0_waits_until_whole_and_a_header_writes_nothing(
+    image: Path,
+) -> None:
+    """Gathered whole, then written in a worker thread (it is long): awaited here."""
     dispatcher, wire, export = make(image, structured=False)
     before = image.read_bytes()
     arrivals = Arrivals(dispatcher)
@@ -278,6 +278,7 @@ def test_write_to_sector_0_waits_until_whole_and_a_header_writes_nothing(image: 
         arrivals.receive(header[start : start + 65536])
         assert image.read_bytes() == before  # the guard must see the request whole
     arrivals.receive(header[PART - 65536 :])
+    await dispatcher.drain()
     assert wire.simple() == (NBDError.EPERM, 1, b"")
     assert image.read_bytes() == before
 
@@ -285,6 +286,7 @@ def test_write_to_sector_0_waits_until_whole_and_a_header_writes_nothing(image: 
     arrivals.receive(request(Command.WRITE, 0, PART, cookie=2) + plain[:-1])
     assert image.read_bytes() == before
     arrivals.receive(plain[-1:])
+    await dispatcher.drain()
     assert wire.simple() == (0, 2, b"")
     assert image.read_bytes()[:PART] == plain
     export.close()

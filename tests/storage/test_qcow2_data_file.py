@@ -77,10 +77,8 @@ class Served:
 
     def send(self, command: int, offset: int, length: int, payload: bytes = b"") -> int:
         """The NBD error the request is answered with (0: done)."""
-        for req in RequestParser(32 << 20).receive(
-            request(command, offset, length, cookie=9) + payload
-        ):
-            self.dispatcher.handle(req)
+        for event in RequestParser().receive(request(command, offset, length, cookie=9) + payload):
+            self.dispatcher.receive(event)
         error, cookie, _ = self.wire.simple()
         assert cookie == 9
         return error
