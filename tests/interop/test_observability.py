@@ -120,14 +120,8 @@ def test_healthz_and_request_metrics(observed: RunningServer) -> None:
 
 
 def test_handshake_failures_are_counted_and_logged(observed: RunningServer) -> None:
-    # start_server's readiness probe connected once and left: wait until it is counted,
-    # or it may land after `before` on a loaded machine
-    probes = 0.0
-    deadline = time.monotonic() + 10
-    while not probes and time.monotonic() < deadline:
-        _, before = observed.scrape()
-        probes = sample(before, "nbdguard_handshake_failures_total", reason="disconnected") or 0
-        time.sleep(0.05)
+    before = _wait_for_probe(observed)
+    probes = sample(before, "nbdguard_handshake_failures_total", reason="disconnected") or 0
     with socket.socket(socket.AF_UNIX) as raw:
         raw.connect(str(observed.socket_path))
         raw.recv(18)
@@ -136,9 +130,11 @@ def test_handshake_failures_are_counted_and_logged(observed: RunningServer) -> N
     with socket.socket(socket.AF_UNIX) as raw:
         raw.connect(str(observed.socket_path))
         raw.recv(18)
-    time.sleep(0.3)
-    _, text = observed.scrape()
-    assert sample(text, "nbdguard_handshake_failures_total", reason="bad_option_magic") == 1
+    _wait_for(observed, "nbdguard_handshake_failures_total", 1, reason="bad_option_magic")
+    text = _wait_for(
+        observed, "nbdguard_handshake_failures_total", probes + 1, reason="disconnected"
+    )
+    assert sample(text, "nbdguard_handshakes_total", outcome="failed") == probes + 2
     assert sample(text, "nbdguard_handshake_failures_total", reason="disconnected") == probes + 1
     failed = [e for e in events(observed) if e["event"] == "handshake.failed"]
     assert {e["reason_code"] for e in failed} == {"bad_option_magic", "disconnected"}
@@ -286,6 +282,7 @@ def test_listing_and_aborting_are_outcomes_not_failures(observed: RunningServer)
         raw.recv(18)
         raw.sendall(struct.pack(">IQII", 3, 0x49484156454F5054, 2, 0))
         raw.recv(100)
+    _wait_for(observed, "nbdguard_handshakes_total", 1, outcome="list")
     text = _wait_for(observed, "nbdguard_handshakes_total", 1, outcome="aborted")
     assert sample(text, "nbdguard_handshakes_total", outcome="list") == 1
     assert sample(text, "nbdguard_handshakes_total", outcome="failed") == 1  # the probe
