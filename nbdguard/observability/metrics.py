@@ -87,6 +87,18 @@ CHAIN_REFUSAL_REASONS = (
     "format_missing",
     "unsupported_format",
 )
+HTTP_ERROR_REASONS = (
+    "closed",
+    "incomplete",
+    "timeout",
+    "reset",
+    "malformed",
+    "head_too_large",
+    "write_timeout",
+    "accept_failed",
+    "exposition_failed",
+    "internal",
+)
 # The commands a sector-0 guard can refuse (a trimmed or zeroed sector 0 is checked too).
 GUARDED_COMMANDS = ("write", "write_zeroes", "trim")
 NO_HEADER = "none"  # nbdguard_export_existing_header's format label when sector 0 is no header
@@ -202,6 +214,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in HTTP_ERROR_REASONS:
+            self.http_errors.labels(reason=reason)
         self.build_info = Gauge("nbdguard_build_info", "nbdguard version.", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)
 

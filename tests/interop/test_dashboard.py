@@ -27,6 +27,7 @@ from nbdguard.observability.metrics import (
     GUARDED_COMMANDS,
     HANDSHAKE_FAILURE_REASONS,
     HANDSHAKE_OUTCOMES,
+    HTTP_ERROR_REASONS,
     LIMITS,
     NO_HEADER,
 )
@@ -187,6 +188,7 @@ def test_known_label_sets_are_exposed_at_zero(fresh: tuple[RunningServer, str]) 
     _, text = fresh
     expected: list[tuple[str, dict[str, str]]] = []
     expected += [("nbdguard_limit_hits_total", {"limit": limit}) for limit in LIMITS]
+    expected += [("nbdguard_http_errors_total", {"reason": r}) for r in HTTP_ERROR_REASONS]
     for reason in HANDSHAKE_FAILURE_REASONS:
         if reason != "disconnected":  # start_server's readiness probe connected and left
             expected.append(("nbdguard_handshake_failures_total", {"reason": reason}))
@@ -360,8 +362,8 @@ def test_alerts_fire_on_what_they_are_for(tmp_path: Path) -> None:
 # -- the label values nbdguard pre-creates are the ones its code uses ---------------------
 
 
-def _calls(*names: str) -> Iterator[ast.Call]:
-    for path in (ROOT / "nbdguard").rglob("*.py"):
+def _calls(*names: str, under: str = "") -> Iterator[ast.Call]:
+    for path in (ROOT / "nbdguard" / under).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call):
                 func = node.func
@@ -370,20 +372,29 @@ def _calls(*names: str) -> Iterator[ast.Call]:
                     yield node
 
 
-def _literal_args(names: tuple[str, ...], index: int) -> set[str]:
+def _strings(node: ast.AST) -> set[str]:
+    return {
+        leaf.value
+        for leaf in ast.walk(node)
+        if isinstance(leaf, ast.Constant) and isinstance(leaf.value, str)
+    }
+
+
+def _literal_args(names: tuple[str, ...], index: int | str, under: str = "") -> set[str]:
+    """String literals passed as positional argument `index` (or keyword `index`)."""
     found = set()
-    for call in _calls(*names):
-        if len(call.args) > index:
-            for node in ast.walk(call.args[index]):
-                if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                    found.add(node.value)
+    for call in _calls(*names, under=under):
+        if isinstance(index, str):
+            found.update(*(_strings(k.value) for k in call.keywords if k.arg == index))
+        elif len(call.args) > index:
+            found |= _strings(call.args[index])
     return found
 
 
-def _reason_assignments() -> set[str]:
+def _reason_assignments(under: str) -> set[str]:
     """Reasons chosen before the call (`reason = "a" if ... else "b"`)."""
     found = set()
-    for path in (ROOT / "nbdguard" / "storage").rglob("*.py"):
+    for path in (ROOT / "nbdguard" / under).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Assign) and any(
                 isinstance(t, ast.Name) and t.id == "reason" for t in node.targets
@@ -410,6 +421,16 @@ def test_chain_refusal_reasons_are_the_ones_the_code_raises() -> None:
         _literal_args(("ChainRefused",), 3)
         | _literal_args(("refuse",), 2)
         | _literal_args(("HeaderError",), 0)
-        | _reason_assignments()
+        | _reason_assignments("storage")
     )
     assert raised == set(CHAIN_REFUSAL_REASONS)
+
+
+def test_http_error_reasons_are_the_ones_the_endpoint_counts() -> None:
+    under = "observability"
+    counted = (
+        _literal_args(("_PeerError",), 0, under)
+        | _literal_args(("labels",), "reason", under)
+        | _reason_assignments(under)
+    )
+    assert counted == set(HTTP_ERROR_REASONS)
