@@ -346,6 +346,28 @@ ALERT_TESTS: list[dict[str, Any]] = [
             }
         ],
     },
+    {  # connections refused by a limit alert; idle connections being closed do not
+        "interval": "1m",
+        "input_series": [
+            {"series": 'nbdguard_limit_hits_total{limit="max_connections"}', "values": "0 0 5 5"},
+            {"series": 'nbdguard_limit_hits_total{limit="idle_timeout"}', "values": "0+3x3"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "1m", "alertname": "NbdguardConnectionsRefused", "exp_alerts": []},
+            {
+                "eval_time": "3m",
+                "alertname": "NbdguardConnectionsRefused",
+                "exp_alerts": [
+                    {
+                        "exp_labels": {"severity": "warning", "limit": "max_connections"},
+                        "exp_annotations": {
+                            "summary": "Connections were refused: limit max_connections was reached"
+                        },
+                    }
+                ],
+            },
+        ],
+    },
 ]
 
 
