@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import stat
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -141,7 +142,9 @@ class ExportConfig:
     description: str = ""
     header_guard: HeaderGuard = "qemu"
     allow_headers: frozenset[str] = frozenset()
-    on_existing_header: ExistingHeaderAction = "warn"
+    # Sector 0 already an image header at open: a qcow2 declared raw would hand the guest the
+    # container's bytes, so serving it takes an explicit "warn".
+    on_existing_header: ExistingHeaderAction = "refuse"
     allow_dirs: tuple[Path, ...] = ()  # absolute; where backing and data files may live
     max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH  # images in the chain, the top included
     backing: tuple[BackingPin, ...] | None = None  # the whole chain below the top, pinned
@@ -441,8 +444,10 @@ def _metrics_listen(table: _Table) -> tuple[str, int] | None:
 
 def _export_label(data: Mapping[str, object]) -> str:
     name = data.get("name")
-    if not isinstance(name, str):
-        return ""
+    return _name_label(name) if isinstance(name, str) else ""
+
+
+def _name_label(name: str) -> str:
     short = name if len(name) <= _LABEL_CHARS else name[:_LABEL_CHARS] + "..."
     return f" ({_shown(short)})"
 
@@ -454,11 +459,8 @@ def _parse_export(table: _Table, base_dir: Path) -> ExportConfig:
     fmt: Format = "raw"
     if table.required("format", f": one of {_quoted(FORMATS)}"):
         fmt = table.choice("format", FORMATS, "raw")
-    if fmt == "qcow2":
-        for key in GUARD_KEYS:
-            if key in table.data:
-                table.problem(key, "applies to raw exports only (a qcow2 header is pinned anyway)")
-    else:
+    # The guard keys apply to a qcow2 export too: to its external data file, if it has one.
+    if fmt == "raw":
         for key in QCOW2_KEYS:
             if key in table.data:
                 table.problem(key, "applies to qcow2 exports only (a raw image has no metadata)")
@@ -470,7 +472,7 @@ def _parse_export(table: _Table, base_dir: Path) -> ExportConfig:
         description=table.string("description", max_bytes=MAX_STRING_BYTES),
         header_guard=table.choice("header_guard", GUARD_RULE_SETS, "qemu"),
         allow_headers=_allow_headers(table),
-        on_existing_header=table.choice("on_existing_header", EXISTING_HEADER_ACTIONS, "warn"),
+        on_existing_header=table.choice("on_existing_header", EXISTING_HEADER_ACTIONS, "refuse"),
         allow_dirs=tuple(
             _config_path(table, "allow_dirs", text, base_dir)
             for text in table.strings("allow_dirs") or ()
@@ -631,7 +633,43 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path}: invalid TOML: {err}") from err
     absolute = Path.cwd() / path
     config = parse_config(data, source=str(path), base_dir=absolute.parent)
+    shared = shared_files(config.exports, str(path))
+    if shared:
+        raise ConfigError(shared)
     return replace(config, source=absolute)
+
+
+def _file_identity(path: Path) -> tuple[str, int, int] | tuple[str, str]:
+    """What makes two paths one disk: (st_dev, st_ino), or the device number of a block
+    device (two nodes of one disk); the path itself when it cannot be stat'ed (opening it
+    will say why)."""
+    try:
+        info = path.stat()
+    except (OSError, ValueError):
+        return ("path", str(path))
+    if stat.S_ISBLK(info.st_mode):
+        return ("block", info.st_rdev, 0)
+    return ("file", info.st_dev, info.st_ino)
+
+
+def shared_files(exports: Sequence[ExportConfig], source: str) -> list[str]:
+    """Exports whose images are one file (through symlinks and hard links too): the second
+    would otherwise be refused at open as if another process held the first one's lock."""
+    problems: list[str] = []
+    first: dict[tuple[str, int, int] | tuple[str, str], int] = {}
+    for index, export in enumerate(exports):
+        identity = _file_identity(export.path)
+        if identity in first:
+            other = first[identity]
+            problems.append(
+                f'{source}: exports[{index}]{_name_label(export.name)}: key "path": '
+                f"{str(export.path)!r} is the same file as exports[{other}]"
+                f"{_name_label(exports[other].name)} {str(exports[other].path)!r}: "
+                "serve one file from one export"
+            )
+        else:
+            first[identity] = index
+    return problems
 
 
 def with_overrides(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nbdguard.config import DEFAULT_MAX_CHAIN_DEPTH, ExportConfig, Format
 from nbdguard.errors import ChainRefused
+from nbdguard.guard.sector0 import SECTOR, GuardPolicy
 from nbdguard.storage.chain import ChainLayer, ChainResolver
 
 
@@ -17,6 +18,14 @@ from nbdguard.storage.chain import ChainLayer, ChainResolver
 class ChainReport:
     layers: tuple[dict[str, object], ...]
     refused: ChainRefused | None
+    # A raw top whose sector 0 already is an image header (the qemu rules): what `serve`
+    # refuses by default, and most likely an image of that format declared raw.
+    existing_header: str | None = None
+
+    @property
+    def servable(self) -> bool:
+        """Whether `serve` would open it with the default settings."""
+        return self.refused is None and self.existing_header is None
 
     def as_json(self) -> str:
         refused = None
@@ -27,7 +36,12 @@ class ChainReport:
                 "reason": self.refused.reason,
                 "detail": self.refused.detail,
             }
-        return json.dumps({"layers": list(self.layers), "refused": refused}, indent=2)
+        document = {
+            "layers": list(self.layers),
+            "refused": refused,
+            "existing_header": self.existing_header,
+        }
+        return json.dumps(document, indent=2)
 
     def as_text(self) -> str:
         lines = []
@@ -38,7 +52,21 @@ class ChainReport:
                     lines.append(f"  {key.replace('_', ' ')}: {value}")
         if self.refused is not None:
             lines.append(f"REFUSED: {self.refused}")
+        if self.existing_header is not None:
+            lines.append(f"EXISTING HEADER: {existing_header_advice(self.existing_header)}")
         return "\n".join(lines)
+
+
+def existing_header_advice(found: str) -> str:
+    """What a raw image whose sector 0 is a `found` header means, and what to do."""
+    if found == "qcow2":
+        fix = 'serve it as qcow2 (format = "qcow2", --format qcow2)'
+    else:
+        fix = f"convert it (qemu-img convert -f {found} -O qcow2)"
+    return (
+        f"sector 0 is a {found} header: if this is a {found} image, {fix}; if a guest wrote "
+        'it, serve it raw only with on_existing_header = "warn"'
+    )
 
 
 def inspect_chain(
@@ -59,13 +87,23 @@ def inspect_chain(
     )
     resolver = ChainResolver(config, lock=False)
     refused = None
+    existing = None
     try:
         resolver.run()
+        existing = _raw_existing_header(resolver.chain.layers[0])
     except ChainRefused as err:
         refused = err
     finally:
         resolver.chain.close()
-    return ChainReport(tuple(_describe(layer) for layer in resolver.chain.layers), refused)
+    layers = tuple(_describe(layer) for layer in resolver.chain.layers)
+    return ChainReport(layers, refused, existing)
+
+
+def _raw_existing_header(top: ChainLayer) -> str | None:
+    """The check `serve` makes on a raw export at open, on the descriptor already held."""
+    if top.format != "raw":
+        return None
+    return GuardPolicy("qemu").detect(os.pread(top.file.fd, SECTOR, 0))
 
 
 def _describe(layer: ChainLayer) -> dict[str, object]:

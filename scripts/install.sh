@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-PACKAGES=(python3 python3-venv python3-libnbd qemu-utils libnbd-bin nbdkit nbd-client
-          nbd-server fio prometheus e2fsprogs python3-yaml openssl)
+PACKAGES=(python3 python3-venv python3-libnbd qemu-utils libnbd-bin nbdkit nbd-client systemd
+          nbd-server fio prometheus e2fsprogs python3-yaml openssl strace)
 missing=()
 for package in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from nbdguard.config import (
+    EXPORT_KEYS,
+    SERVER_KEYS,
+    TLS_KEYS,
+    TOP_KEYS,
     BackingPin,
     Config,
     ConfigError,
@@ -160,7 +165,7 @@ def test_defaults(tmp_path: Path) -> None:
             description="",
             header_guard="qemu",
             allow_headers=frozenset(),
-            on_existing_header="warn",
+            on_existing_header="refuse",  # a header already there takes an explicit "warn"
         ),
     )
     assert config.export("") is config.exports[0]
@@ -318,12 +323,14 @@ def test_name_and_description_are_limited_to_4096_utf8_bytes(tmp_path: Path) -> 
         assert len(problem) < 300  # a long name is not repeated in full
 
 
-@pytest.mark.parametrize("key", ["header_guard", "allow_headers", "on_existing_header"])
-def test_guard_keys_on_a_qcow2_export_are_errors(tmp_path: Path, key: str) -> None:
-    value = {"header_guard": '"qemu"', "allow_headers": "[]", "on_existing_header": '"warn"'}
-    text = f'[[exports]]\nname = "q"\npath = "q"\nformat = "qcow2"\n{key} = {value[key]}\n'
-    problem = one_problem(tmp_path, text)
-    assert f'exports[0] ("q"): key "{key}": applies to raw exports only' in problem
+def test_guard_keys_apply_to_a_qcow2_export_for_its_data_file(tmp_path: Path) -> None:
+    text = (
+        '[[exports]]\nname = "q"\npath = "q"\nformat = "qcow2"\nheader_guard = "strict"\n'
+        'allow_headers = ["luks"]\non_existing_header = "warn"\n'
+    )
+    export = load_config(write(tmp_path, text)).exports[0]
+    assert (export.header_guard, export.on_existing_header) == ("strict", "warn")
+    assert export.allow_headers == frozenset({"luks"})
 
 
 def test_duplicate_export_names_point_at_the_first_use(tmp_path: Path) -> None:
@@ -438,7 +445,7 @@ def test_every_problem_is_reported_together(tmp_path: Path) -> None:
         'surprise = true\n[server]\nlog_level = "loud"\nlisten = ["tcp://x", "unix://"]\n'
         '[[exports]]\nname = "a"\npath = "a"\n'
         '[[exports]]\nname = "b"\npath = ""\nformat = "qcow2"\nread_only = 1\nextra = 2\n'
-        'header_guard = "qemu"\n'
+        'header_guard = "loud"\n'
     )
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text))
@@ -557,13 +564,83 @@ def test_bad_overrides_name_the_option(tmp_path: Path) -> None:
         with_overrides(config, listen=["tcp://h:1"], metrics_listen="")
 
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "nbdguard.example.toml"
+_SECTION = re.compile(r"\[\[?([\w.]+)\]\]?\s*(#.*)?")
+_SETTING = re.compile(r"(\w+)\s*=\s*\S")
+
+
+def _commented_setting(line: str) -> str | None:
+    """`# key = value` or `# [table]`, without the comment mark; None for prose."""
+    if not line.startswith("# "):
+        return None
+    body = line[2:]
+    return body if _SECTION.fullmatch(body) or _SETTING.match(body) else None
+
+
+def documented_keys(text: str) -> dict[str, set[str]]:
+    """Keys per table, set or shown commented out (`# key = value`)."""
+    keys: dict[str, set[str]] = {"": set()}
+    section = ""
+    for line in text.splitlines():
+        body = _commented_setting(line) or line
+        header = _SECTION.fullmatch(body)
+        if header:
+            section = header.group(1)
+            keys.setdefault(section, set())
+            keys[""].add(section.split(".")[0])
+            if "." in section:
+                parent, child = section.rsplit(".", 1)
+                keys.setdefault(parent, set()).add(child)
+            continue
+        setting = _SETTING.match(body)
+        if setting:
+            keys[section].add(setting.group(1))
+    return keys
+
+
 def test_shipped_example_config_is_valid() -> None:
-    example = Path(__file__).resolve().parents[1] / "config" / "nbdguard.example.toml"
-    config = load_config(example)
-    assert [export.name for export in config.exports] == ["vm1", "install-media", "vm2"]
+    config = load_config(EXAMPLE)
+    assert [export.name for export in config.exports] == ["vm1", "install-media", "vm2", "vm3"]
     assert config.exports[1].read_only
     assert config.exports[2].backing is not None and len(config.exports[2].backing) == 2
     assert config.server.metrics_listen == ("127.0.0.1", 9109)
+    assert config.exports[3].format == "qcow2" and config.exports[3].header_guard == "qemu"
+
+
+def test_shipped_example_documents_every_key_of_the_schema() -> None:
+    documented = documented_keys(EXAMPLE.read_text())
+    schema = {
+        "": TOP_KEYS,
+        "server": SERVER_KEYS,
+        "server.tls": TLS_KEYS,
+        "exports": EXPORT_KEYS,
+    }
+    for table, keys in schema.items():
+        missing = sorted(set(keys) - documented.get(table, set()))
+        assert not missing, f"config/nbdguard.example.toml lacks [{table}] keys {missing}"
+    backing = tomllib.loads(EXAMPLE.read_text())["exports"][2]["backing"]
+    assert {key for pin in backing for key in pin} == {"path", "format"}
+
+
+def test_shipped_example_is_valid_with_its_commented_settings_too() -> None:
+    """The commented-out settings are real ones: uncommented, the file still validates."""
+    lines = [_commented_setting(line) or line for line in EXAMPLE.read_text().splitlines()]
+    assert sum(1 for line in EXAMPLE.read_text().splitlines() if _commented_setting(line)) >= 4
+    config = parse_config(
+        tomllib.loads("\n".join(lines)), source="example", base_dir=EXAMPLE.parent
+    )
+    assert config.server.tls.ca == EXAMPLE.parent / "pki/ca-cert.pem"
+    assert config.exports[0].allow_clients == ("CN=web01",)
+
+
+def test_documented_keys_sees_set_commented_and_table_keys() -> None:
+    text = '[server]\nlisten = []\n# idle_timeout = 0\n# see the README\n[server.tls]\n# ca = "x"\n'
+    keys = documented_keys(text)
+    assert keys == {
+        "": {"server"},
+        "server": {"listen", "idle_timeout", "tls"},
+        "server.tls": {"ca"},
+    }
 
 
 def test_limit_keys(tmp_path: Path) -> None:
@@ -731,3 +808,40 @@ def test_qcow2_check_and_cache_keys(tmp_path: Path) -> None:
     )
     problem = one_problem(tmp_path, EXPORT + 'check_on_open = "full"\n')
     assert 'key "check_on_open": applies to qcow2 exports only' in problem
+
+
+# One file, one export
+
+
+def _two_exports(first: str, second: str) -> str:
+    return (
+        f'[[exports]]\nname = "a"\npath = "{first}"\nformat = "raw"\n'
+        f'[[exports]]\nname = "b"\npath = "{second}"\nformat = "raw"\nread_only = true\n'
+    )
+
+
+@pytest.mark.parametrize("link", ["same", "symlink", "hardlink", "dotdot"])
+def test_two_exports_on_one_file_are_an_error_naming_both(tmp_path: Path, link: str) -> None:
+    (tmp_path / "disk.raw").write_bytes(bytes(4096))
+    (tmp_path / "sub").mkdir()
+    second = {"same": "disk.raw", "symlink": "alias.raw", "hardlink": "hard.raw"}.get(
+        link, "sub/../disk.raw"
+    )
+    if link == "symlink":
+        (tmp_path / "alias.raw").symlink_to("disk.raw")
+    if link == "hardlink":
+        (tmp_path / "hard.raw").hardlink_to(tmp_path / "disk.raw")
+    config = write(tmp_path, _two_exports("disk.raw", second))
+    problem = one_problem(tmp_path, config.read_text())
+    assert problem.startswith(f'{config}: exports[1] ("b"): key "path": ')
+    assert f"is the same file as exports[0] (\"a\") '{tmp_path / 'disk.raw'}'" in problem
+    assert second.rsplit("/", 1)[-1] in problem
+
+
+def test_distinct_and_missing_files_are_not_shared(tmp_path: Path) -> None:
+    (tmp_path / "one.raw").write_bytes(bytes(512))
+    (tmp_path / "two.raw").write_bytes(bytes(512))
+    assert len(load_config(write(tmp_path, _two_exports("one.raw", "two.raw"))).exports) == 2
+    # Files that do not exist are compared by path (the open then says what is missing).
+    assert len(load_config(write(tmp_path, _two_exports("gone.raw", "lost.raw"))).exports) == 2
+    assert "same file as" in one_problem(tmp_path, _two_exports("gone.raw", "gone.raw"))

@@ -129,3 +129,31 @@ def test_pin_refuses_what_serve_would_refuse(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "reason=outside_allow_dirs" in result.stderr
     assert result.stdout == ""
+
+
+def test_inspect_and_pin_name_a_header_in_a_raw_image(tmp_path: Path) -> None:
+    """A qcow2 image declared raw: the exact mistake serve refuses, said before serving."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "vm.img"), "4M"])
+    image = str(tmp_path / "vm.img")
+    result = nbdguard("inspect", image, "--format", "raw", "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert (report["refused"], report["existing_header"]) == (None, "qcow2")
+    text = nbdguard("inspect", image, "--format", "raw")
+    assert text.returncode == 1
+    assert "EXISTING HEADER: sector 0 is a qcow2 header" in text.stdout
+    assert 'format = "qcow2"' in text.stdout and 'on_existing_header = "warn"' in text.stdout
+    pinned = nbdguard("pin", image, "--format", "raw")
+    assert pinned.returncode == 1 and pinned.stdout == ""
+    assert f"{image}: sector 0 is a qcow2 header" in pinned.stderr
+    # Declared right, the same image is fine.
+    right = nbdguard("inspect", image, "--format", "qcow2", "--json")
+    assert right.returncode == 0 and json.loads(right.stdout)["existing_header"] is None
+
+
+def test_inspect_passes_a_raw_image_without_a_header(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\xeb\x63\x90" + bytes(4093))  # a boot sector is no image header
+    result = nbdguard("inspect", str(image), "--format", "raw", "--json")
+    assert result.returncode == 0, result.stdout
+    assert json.loads(result.stdout)["existing_header"] is None

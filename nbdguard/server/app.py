@@ -17,7 +17,7 @@ from nbdguard.observability.http import OperatorEndpoint
 from nbdguard.observability.logging import get_logger
 from nbdguard.observability.metrics import Metrics
 from nbdguard.protocol.handshake import HandshakeLimits
-from nbdguard.server import listeners
+from nbdguard.server import listeners, notify
 from nbdguard.server.admission import Admission
 from nbdguard.server.budget import MemoryBudget
 from nbdguard.server.connection import Connection, ConnectionSettings
@@ -71,7 +71,7 @@ class Server:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._on_signal, signum)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         try:
             self.registry = ExportRegistry(self._open_exports())
             self._start_metrics()
@@ -95,6 +95,7 @@ class Server:
             await self._close_listeners()
             self._report_close_failures(self.registry.close_all())
             raise
+        notify.ready(f"serving {len(self.registry.exports)} export(s)")
 
     def _add_listener(self, server: asyncio.Server, *, activated: bool = False) -> None:
         self._listeners.append(server)
@@ -233,6 +234,13 @@ class Server:
 
     # -- reload ----------------------------------------------------------------------
 
+    def _on_hangup(self) -> None:
+        notify.reloading()
+        try:
+            self.reload()
+        finally:  # systemd shows "reloading" until READY=1 comes back
+            notify.ready(f"serving {len(self.registry.exports)} export(s)")
+
     def reload(self) -> None:
         """SIGHUP: re-read the config file. New exports open, removed ones stop taking
         connections (and close when their last one ends), unchanged ones are untouched, and
@@ -296,6 +304,7 @@ class Server:
         fails (ENOSPC or EIO on a qcow2 table, say): each failure is logged with its export
         and step, and CloseFailed is raised at the very end so the exit status says so."""
         self._stopping = True
+        notify.stopping()
         for server in self._listeners:
             server.close()
         connections = list(self.connections)

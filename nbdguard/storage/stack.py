@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nbdguard.config import ExportConfig
+from nbdguard.config import DEFAULT_METADATA_CACHE, ExportConfig
 from nbdguard.errors import ChainRefused, ExportOpenError, Qcow2Corrupt
 from nbdguard.guard.datafile import DataFileGuard, GuardedDataFile
 from nbdguard.guard.sector0 import GuardPolicy, Sector0Guard
@@ -28,7 +28,7 @@ def build_device(config: ExportConfig, reporter: ExportReporter | None = None) -
     )
     chain = resolve_chain(config)
     try:
-        device = chain_device(chain, reporter, policy)
+        device = chain_device(chain, reporter, policy, metadata_cache=config.metadata_cache)
     except BaseException:
         chain.close()
         raise
@@ -39,17 +39,24 @@ def build_device(config: ExportConfig, reporter: ExportReporter | None = None) -
 
 
 def chain_device(
-    chain: Chain, reporter: ExportReporter | None = None, policy: GuardPolicy | None = None
+    chain: Chain,
+    reporter: ExportReporter | None = None,
+    policy: GuardPolicy | None = None,
+    *,
+    metadata_cache: int = DEFAULT_METADATA_CACHE,
 ) -> BlockDevice:
     """Format drivers stacked bottom-up over the chain's open files. With a `policy`, the
-    top layer's external data file is written through the sector-zero backstop."""
+    top layer's external data file is written through the sector-zero backstop. The
+    export's `metadata_cache` is shared evenly by its qcow2 layers."""
     reporter = reporter or ExportReporter(chain.export)
+    share = metadata_cache // max(1, sum(layer.format == "qcow2" for layer in chain.layers))
     device: BlockDevice | None = None
     for layer in reversed(chain.layers):
         if layer.format == "raw":
             device = RawImage(layer.file)
         else:
-            device = _qcow2(chain, layer, device, reporter, policy if layer.index == 0 else None)
+            guard = policy if layer.index == 0 else None
+            device = _qcow2(chain, layer, device, reporter, guard, metadata_cache=share)
     assert device is not None
     return device
 
@@ -60,6 +67,8 @@ def _qcow2(
     backing: BlockDevice | None,
     reporter: ExportReporter,
     policy: GuardPolicy | None,
+    *,
+    metadata_cache: int,
 ) -> Qcow2Image:
     assert layer.header is not None
     host = HostFile(layer.file)
@@ -82,7 +91,13 @@ def _qcow2(
 
     try:
         return Qcow2Image(
-            layer.header, host, data, backing, on_close=layer.close, on_corrupt=on_corrupt
+            layer.header,
+            host,
+            data,
+            backing,
+            on_close=layer.close,
+            on_corrupt=on_corrupt,
+            metadata_cache=metadata_cache,
         )
     except OSError as err:
         host.close()

@@ -250,28 +250,26 @@ def test_header_guard_off_writes_anything(guarded: RunningServer, tmp_path: Path
     assert probed_format(guarded.images["unguarded"]) != "raw"
 
 
-def test_existing_header_warns_by_default_and_refuse_refuses(tmp_path: Path) -> None:
+def test_existing_header_refuses_by_default_and_warn_warns(tmp_path: Path) -> None:
     header = QEMU_HEADERS["qcow"]
+    with pytest.raises(RuntimeError, match="already holds a qcow header"):
+        start_server(tmp_path / "refuse", [ExportSpec("old", size=1 << 20, fill=header)])
     server = start_server(
         tmp_path / "warn",
-        [ExportSpec("old", size=1 << 20, fill=header)],
+        [ExportSpec("old", size=1 << 20, fill=header, extra={"on_existing_header": "warn"})],
         metrics=True,
     )
     log = server.log()
     assert server.stop() == 0
     warning = [json.loads(x) for x in log.splitlines() if "export.existing_header" in x]
     assert warning and warning[0]["format"] == "qcow" and warning[0]["export"] == "old"
-    with pytest.raises(RuntimeError, match="already holds a qcow header"):
-        start_server(
-            tmp_path / "refuse",
-            [ExportSpec("old", size=1 << 20, fill=header, extra={"on_existing_header": "refuse"})],
-        )
 
 
 def test_existing_header_gauge(tmp_path: Path) -> None:
-    server = start_server(
-        tmp_path / "g", [ExportSpec("old", size=1 << 20, fill=QEMU_HEADERS["vhdx"])], metrics=True
+    spec = ExportSpec(
+        "old", size=1 << 20, fill=QEMU_HEADERS["vhdx"], extra={"on_existing_header": "warn"}
     )
+    server = start_server(tmp_path / "g", [spec], metrics=True)
     gauge = server.sample("nbdguard_export_existing_header", export="old", format="vhdx")
     assert server.stop() == 0
     assert gauge == 1

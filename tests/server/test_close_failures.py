@@ -164,7 +164,7 @@ def serve_args(tmp_path: Path) -> argparse.Namespace:
         '[server]\nlisten = []\nlog_format = "json"\n'
         '[[exports]]\nname = "a"\npath = "a.raw"\nformat = "raw"\n'
     )
-    return argparse.Namespace(config=str(config), listen=None, metrics_listen=None, log_format=None)
+    return cli.build_parser().parse_args(["serve", "--config", str(config)])
 
 
 @pytest.mark.parametrize(

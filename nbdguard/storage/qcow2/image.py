@@ -8,8 +8,19 @@ compressed, shared with a snapshot) gets a new cluster filled with the current g
 around the written bytes. Metadata changes stay in memory until a flush writes them in the
 order that keeps the image consistent after a crash (see `refcounts.py`).
 
+L2 tables live in a byte-bounded cache (`l2cache.py`, the export's `metadata_cache`): when
+dirty tables leave no room, the least recently used are written back in FLUSH's order
+(data and refcounts synced first; the L1 waits for the next FLUSH, so a crash before it
+leaks the new tables' clusters at worst) instead of the cache growing. Room is made only
+where no table is in use: at the start of each request, and between the pieces of a long
+write (`_in_pieces`), so no request adds more tables than were kept free for it.
+
 All public methods take one lock, since `flush` runs in a worker thread; the flush holds it
-only to capture what to write, not during its writes and syncs.
+only to capture what to write, not during its writes and syncs; so does a write-back, which
+runs in a worker thread too once the cache nears its limit. One metadata write is in flight
+at a time, in the order they asked (`_take_turn`: a flusher looping in a thread must not
+starve a write-back or another flush). A request writes back itself, under the lock, only
+when the guest dirties tables faster than they are written (back-pressure).
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import struct
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, TypeVar
 
@@ -42,6 +53,7 @@ from nbdguard.storage.qcow2.header import (
     Qcow2Header,
 )
 from nbdguard.storage.qcow2.hostfile import HostFile
+from nbdguard.storage.qcow2.l2cache import L2Cache
 from nbdguard.storage.qcow2.metadata import L1_RESERVED, Kind, MetadataMap, build_map
 from nbdguard.storage.qcow2.refcounts import (
     Refcounts,
@@ -91,7 +103,9 @@ def _reports_corruption(
 KIND_DATA, KIND_ZERO, KIND_BACKING, KIND_COMPRESSED = range(4)
 Segment = tuple[int, int, int, int]  # (kind, guest offset, length, host offset or descriptor)
 
-L2_CACHE_BYTES = 32 << 20
+L2_CACHE_BYTES = 32 << 20  # the default `metadata_cache`
+PIECE_TABLES = 64  # L2 tables one piece of a long write may touch (room is kept for them)
+WRITE_BACK_BYTES = 1 << 20  # L2 bytes one write-back writes (at least one table): its stall
 BLOCK_STATUS_CLUSTERS = 16384  # clusters examined per BLOCK_STATUS request at most
 ZERO_CHUNK = 1 << 20
 
@@ -113,6 +127,7 @@ class Qcow2Image(BlockDevice):
         *,
         on_close: Callable[[], None] = lambda: None,
         on_corrupt: Callable[[Qcow2Corrupt], None] = lambda err: None,
+        metadata_cache: int = L2_CACHE_BYTES,
     ) -> None:
         self.header = header
         self.host = host
@@ -136,12 +151,32 @@ class Qcow2Image(BlockDevice):
         # L1 entries found valid (checked once: what they name stays an L2 table until the
         # entry itself changes, and the engine's own entries are valid by construction)
         self._l1_checked = bytearray(len(self.l1))
-        self._l2: OrderedDict[int, array[int]] = OrderedDict()
-        self._l2_dirty: set[int] = set()
-        self._l2_limit = max(16, L2_CACHE_BYTES // self.cluster_size)
+        # metadata_cache bounds both caches: most for L2 tables (each maps far less than a
+        # refcount block counts), the rest for refcount blocks.
+        l2_bytes = metadata_cache * 3 // 4
+        self.l2_cache = L2Cache(l2_bytes, self.cluster_size, self._load_table)
+        # Room kept free at each safe point: what one piece of a write may add (dirty).
+        self._reserve = max(
+            1,
+            min(PIECE_TABLES, self.l2_cache.limit // 4, WRITE_BACK_BYTES // self.cluster_size),
+        )
+        self._piece = self._reserve << (self.l2_bits + self.cluster_bits)  # guest bytes
+        self._write_back_tables = max(
+            self._reserve, min(self.l2_cache.limit // 8, WRITE_BACK_BYTES // self.cluster_size)
+        )
+        # Past half the cache, a write-back in the background brings the dirty tables down
+        # to a quarter, at most this many at once (its capture holds the lock).
+        self._background_tables = max(
+            self._write_back_tables, 4 * WRITE_BACK_BYTES // self.cluster_size
+        )
+        self._background = False  # a background write-back is on its way
+        self.write_backs = 0  # metadata write-backs made because the cache was full
         self._inflated: OrderedDict[int, bytes] = OrderedDict()
         self._lock = threading.RLock()
-        self._flush_order = threading.Lock()
+        # Turns to write metadata (flush or write-back), first come first served
+        self._turns = threading.Condition(self._lock)
+        self._next_turn = 0  # the ticket the next writer takes
+        self._serving = 0  # the ticket whose turn it is (its holder is writing)
         writable = not host.file.read_only
         self.metadata: MetadataMap = build_map(
             header,
@@ -154,7 +189,11 @@ class Qcow2Image(BlockDevice):
                 header.refcount_table_clusters * self.cluster_size,
             ),
         )
-        self.refcounts = Refcounts(host, header, self.metadata) if writable else None
+        self.refcounts = (
+            Refcounts(host, header, self.metadata, cache_bytes=metadata_cache - l2_bytes)
+            if writable
+            else None
+        )
         self._reuse_epoch = 0  # counts flushes that freed clusters (see read_range)
         self.capabilities = Capabilities(
             read_only=not writable,
@@ -170,27 +209,149 @@ class Qcow2Image(BlockDevice):
 
     # Mapping
 
-    def _table(self, offset: int) -> array[int]:
-        table = self._l2.get(offset)
-        if table is not None:
-            self._l2.move_to_end(offset)
-            return table
+    def _load_table(self, offset: int) -> array[int]:
         if offset % self.cluster_size or offset > MAX_HOST_OFFSET:
             raise OSError(errno.EIO, f"L2 table offset {offset:#x} is invalid")
-        table = load_table(self.host, offset, self.cluster_size)
-        self._l2[offset] = table
-        return table
+        return load_table(self.host, offset, self.cluster_size)
 
-    def _trim_cache(self) -> None:
-        """Bound the L2 cache by dropping clean tables, oldest first; called only between
-        requests, when no table is in use. Dirty tables stay until a flush writes them."""
-        if len(self._l2) <= self._l2_limit:
+    # L2 cache room (only where no table is in use: see the module docstring)
+
+    def _room(self) -> None:
+        """Keep room for `_reserve` more tables. Past half the cache a write-back starts in
+        a worker thread (its syncs must not hold the event loop); only when the guest
+        dirties tables faster than they are written does the request write back itself
+        (back-pressure). O(1) unless it must."""
+        cache = self.l2_cache
+        if cache.held > cache.limit // 2:
+            self._start_write_back()
+        while cache.held + self._reserve > cache.limit:
+            self._write_back(max(cache.over(self._reserve), self._write_back_tables))
+
+    def _in_pieces(self, offset: int, length: int, work: Callable[[int, int], None]) -> None:
+        """Run `work` on pieces that each touch at most `_reserve` L2 tables, making room
+        before each; a piece boundary is a cluster boundary."""
+        step = self._piece
+        end = offset + length
+        position = offset
+        while True:
+            self._room()
+            stop = min(end, (position // step + 1) * step)
+            work(position, stop - position)
+            position = stop
+            if position >= end:
+                return
+
+    def _write_back(self, count: int) -> None:
+        """Write the `count` least recently used dirty tables now, under the lock, after
+        any metadata write in flight (which needs the lock to finish: waiting releases it)."""
+        assert self.refcounts is not None
+        self._wait_turn(self._take_turn())
+        try:
+            if self.l2_cache.over(self._reserve):
+                writes = self._take_write_back(count)
+                try:
+                    self._write_tables(writes)
+                except BaseException:
+                    self._end_write_back(writes, ok=False)
+                    raise
+                self._end_write_back(writes, ok=True)
+        finally:
+            self._done_writing()
+
+    def _start_write_back(self) -> None:
+        """Start a write-back in a worker thread unless one is on its way. Its turn is
+        taken now, so a later flush (close's) waits for it."""
+        if self._background or self.refcounts is None:
             return
-        for offset in list(self._l2):
-            if len(self._l2) <= self._l2_limit // 2:
-                break
-            if offset not in self._l2_dirty:
-                del self._l2[offset]
+        self._background = True
+        turn = self._take_turn()
+        threading.Thread(
+            target=self._background_write_back, args=(turn,), name="qcow2-write-back", daemon=True
+        ).start()
+
+    def _background_write_back(self, turn: int) -> None:
+        """Capture under the lock, write without it (requests go on, as during a flush),
+        finish under it. A failure leaves the tables dirty: the next write-back or flush
+        writes them again, and reports the error if it persists."""
+        with self._lock:
+            self._wait_turn(turn)
+            try:
+                want = self.l2_cache.dirty_count - self.l2_cache.limit // 4
+                writes = self._take_write_back(
+                    min(self._background_tables, max(self._write_back_tables, want))
+                )
+            except BaseException:
+                self._background = False
+                self._done_writing()
+                raise
+        ok = False
+        try:
+            if writes.tables:  # else a flush came first: nothing to do
+                self._write_tables(writes)
+                ok = True
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                try:
+                    self._end_write_back(writes, ok=ok)
+                finally:
+                    self._background = False
+                    self._done_writing()
+
+    def wait_for_write_back(self) -> None:
+        """Return once every write-back started so far has finished."""
+        with self._lock:
+            self._wait_turn(self._take_turn())
+            self._done_writing()
+
+    def _take_write_back(self, count: int) -> _MetadataWrites:
+        """What a write-back writes: the `count` least recently used dirty tables (pinned
+        until written) and every refcount change; the L1 waits for a flush."""
+        assert self.refcounts is not None
+        tables = [(offset, table_bytes(table)) for offset, table in self.l2_cache.take_dirty(count)]
+        return _MetadataWrites(self.refcounts.take_increments(), tables, None)
+
+    def _write_tables(self, writes: _MetadataWrites) -> None:
+        """A write-back's I/O, in FLUSH's order: data and refcounts durable before the L2
+        tables that refer to them are written, those synced before any L1 write names them
+        (the next flush's, which may have no tables of its own)."""
+        assert self.refcounts is not None
+        if self.external_data:
+            self.data.sync()  # data before the entries that expose it
+        self.refcounts.write(writes.refcounts)  # synced when it wrote anything
+        if writes.refcounts.empty:
+            self.host.sync()  # guest data in this file before the entries that expose it
+        for offset, table in writes.tables:
+            self.host.write(table, offset)
+        self.host.sync()
+
+    def _end_write_back(self, writes: _MetadataWrites, *, ok: bool) -> None:
+        """Under the lock: written tables are clean, frees wait for the next flush (the L1
+        may still name what they free); otherwise everything taken is dirty again."""
+        assert self.refcounts is not None
+        if not ok:
+            self.refcounts.give_back(writes.refcounts)
+            self.l2_cache.written(_offsets(writes.tables), ok=False)
+            return
+        self.refcounts.apply_frees([])  # ends the refcount blocks' flight, frees none
+        for offset, clusters in writes.refcounts.frees:
+            self.refcounts.free_later(offset, clusters)
+        self.l2_cache.written(_offsets(writes.tables), ok=True)
+        self.write_backs += 1
+
+    def _take_turn(self) -> int:
+        """Under the lock: a ticket for a turn to write metadata, first come first served."""
+        self._next_turn += 1
+        return self._next_turn - 1
+
+    def _wait_turn(self, turn: int) -> None:
+        while self._serving != turn:
+            self._turns.wait()
+
+    def _done_writing(self) -> None:
+        self._serving += 1
+        self._turns.notify_all()
 
     def _entry(self, cluster: int) -> tuple[int, int]:
         index = cluster >> self.l2_bits
@@ -203,7 +364,7 @@ class Qcow2Image(BlockDevice):
             self._l1_checked[index] = 1
         if not offset:
             return 0, 0
-        table = self._table(offset)
+        table = self.l2_cache.get(offset)
         slot = (cluster & self.l2_mask) * self.words
         return table[slot], table[slot + 1] if self.extended else 0
 
@@ -318,20 +479,24 @@ class Qcow2Image(BlockDevice):
     @_reports_corruption
     def pread(self, offset: int, length: int) -> Buffer:
         with self._lock:
-            self._trim_cache()
-            segments = self._segments(offset, length)
-            if len(segments) == 1:
-                kind, _, _, host = segments[0]
-                if kind == KIND_DATA:
-                    return self.data.read(host, length)
-                if kind == KIND_BACKING and self.backing and offset + length <= self.backing.size:
-                    return self.backing.pread(offset, length)
-            out = bytearray(length)
-            view = memoryview(out)
-            for kind, position, count, host in segments:
-                target = view[position - offset : position - offset + count]
-                self._fill(target, kind, position, host)
-            return out
+            self._room()
+            return self._read(offset, length)
+
+    def _read(self, offset: int, length: int) -> Buffer:
+        """The guest's bytes (reads only add clean tables, evicted as needed: no room kept)."""
+        segments = self._segments(offset, length)
+        if len(segments) == 1:
+            kind, _, _, host = segments[0]
+            if kind == KIND_DATA:
+                return self.data.read(host, length)
+            if kind == KIND_BACKING and self.backing and offset + length <= self.backing.size:
+                return self.backing.pread(offset, length)
+        out = bytearray(length)
+        view = memoryview(out)
+        for kind, position, count, host in segments:
+            target = view[position - offset : position - offset + count]
+            self._fill(target, kind, position, host)
+        return out
 
     @_reports_corruption
     def read_range(self, offset: int, length: int) -> FileRange | None:
@@ -341,7 +506,7 @@ class Qcow2Image(BlockDevice):
         in flush(), which counts them, so a range whose count moved is read again through
         the mapping (its `recheck`). Read-only images never free anything."""
         with self._lock:
-            self._trim_cache()
+            self._room()
             segments = self._segments(offset, length)
             if len(segments) != 1:
                 return None
@@ -392,8 +557,14 @@ class Qcow2Image(BlockDevice):
     def pwrite(self, data: Buffer, offset: int) -> None:
         with self._lock:
             self._refuse_if_corrupt()
-            self._trim_cache()
-            self._write(memoryview(data).cast("B"), offset)
+            view = memoryview(data).cast("B")
+            if len(view) <= self._piece - offset % self._piece:  # one piece: the common case
+                self._room()
+                self._write(view, offset)
+                return
+            self._in_pieces(
+                offset, len(view), lambda at, count: self._write(view[at - offset :][:count], at)
+            )
 
     def partial_write_unit(self, offset: int) -> int:
         """Parts that end on cluster boundaries allocate (and copy on write) exactly what the
@@ -410,8 +581,7 @@ class Qcow2Image(BlockDevice):
             table_offset, table = self._writable_table(
                 position >> (self.l2_bits + self.cluster_bits)
             )
-            if self._write_in_table(table, view[done : stop - offset], position):
-                self._l2_dirty.add(table_offset)
+            self._write_in_table(table_offset, table, view[done : stop - offset], position)
             done = stop - offset
 
     def _in_place(self, word: int, bitmap: int) -> bool:
@@ -421,9 +591,11 @@ class Qcow2Image(BlockDevice):
             return bitmap & ALL_SUBCLUSTERS == ALL_SUBCLUSTERS
         return not (self.zero_flag and word & ZERO_FLAG)
 
-    def _write_in_table(self, table: array[int], view: memoryview, offset: int) -> bool:
-        """Write one table's share of a request; True if entries of the table changed."""
-        changed = False
+    def _write_in_table(
+        self, table_offset: int, table: array[int], view: memoryview, offset: int
+    ) -> None:
+        """Write one table's share of a request (the table is marked dirty before any of its
+        entries changes)."""
         first = offset >> self.cluster_bits
         last = (offset + len(view) - 1) >> self.cluster_bits
         cluster = first
@@ -446,10 +618,9 @@ class Qcow2Image(BlockDevice):
                 within = start_byte & (self.cluster_size - 1)
                 self.data.write(piece, self._host_of(word) + within)
             else:
+                self.l2_cache.mark_dirty(table_offset)
                 self._write_new_clusters(table, cluster, stop, piece, start_byte)
-                changed = True
             cluster = stop
-        return changed
 
     def _words(self, table: array[int], cluster: int) -> tuple[int, int]:
         slot = (cluster & self.l2_mask) * self.words
@@ -485,7 +656,7 @@ class Qcow2Image(BlockDevice):
         position = cluster << self.cluster_bits
         count = min(self.cluster_size, self.size - position)
         if count > 0:
-            buffer[at : at + count] = self.pread(position, count)
+            buffer[at : at + count] = self._read(position, count)
 
     def _allocate_data(self, first: int, count: int) -> int:
         if self.external_data:
@@ -526,15 +697,14 @@ class Qcow2Image(BlockDevice):
         entry = self.l1[index]
         old = self._l2_offset(index)
         if old and entry & COPIED:
-            return old, self._table(old)
-        table = array("Q", self._table(old)) if old else array("Q", bytes(self.cluster_size))
+            return old, self.l2_cache.get(old)
+        table = array("Q", self.l2_cache.get(old)) if old else array("Q", bytes(self.cluster_size))
         new = self.refcounts.allocate(1)
         self.metadata.add(new >> self.cluster_bits, Kind.L2)
         if old:
             self.refcounts.free_later(old, 1)
-            self._l2.pop(old, None)
-        self._l2[new] = table
-        self._l2_dirty.add(new)
+            self.l2_cache.discard(old)
+        self.l2_cache.insert(new, table, dirty=True)
         self.l1[index] = new | COPIED
         self._l1_checked[index] = 1
         self.l1_dirty = True
@@ -566,25 +736,34 @@ class Qcow2Image(BlockDevice):
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
         with self._lock:
             self._refuse_if_corrupt()
-            self._trim_cache()
-            if self.header.version < 3:
-                self._zero_v2(offset, length, may_trim=may_trim, fast=fast)
-                return
-            first, stop = self._whole_clusters(offset, length)
-            self._zero_edges(offset, length, first, stop, fast=fast)
-            self._zero_clusters(first, stop, discard=may_trim)
+            if fast:
+                self._check_fast(offset, length)  # before any piece is zeroed
+
+            def zero(at: int, count: int) -> None:
+                if self.header.version < 3:
+                    self._zero_v2(at, count, may_trim=may_trim, fast=fast)
+                    return
+                first, stop = self._whole_clusters(at, count)
+                self._zero_edges(at, count, first, stop, fast=fast)
+                self._zero_clusters(first, stop, discard=may_trim)
+
+            self._in_pieces(offset, length, zero)
 
     @_reports_corruption
     def trim(self, offset: int, length: int) -> None:
         with self._lock:
             self._refuse_if_corrupt()
-            self._trim_cache()
-            first, stop = self._whole_clusters(offset, length)
-            if self.header.version >= 3:
-                self._zero_clusters(first, stop, discard=True)
-            elif self.backing is None:
-                self._unmap_clusters(first, stop)
-            # v2 with a backing file: nothing may expose the backing data; TRIM is advisory.
+            if self.header.version < 3 and self.backing is not None:
+                return  # nothing may expose the backing data; TRIM is advisory
+
+            def unmap(at: int, count: int) -> None:
+                first, stop = self._whole_clusters(at, count)
+                if self.header.version >= 3:
+                    self._zero_clusters(first, stop, discard=True)
+                else:
+                    self._unmap_clusters(first, stop)
+
+            self._in_pieces(offset, length, unmap)
 
     def _whole_clusters(self, offset: int, length: int) -> tuple[int, int]:
         """The clusters the range covers entirely (the image's last, short cluster counts)."""
@@ -593,7 +772,16 @@ class Qcow2Image(BlockDevice):
         stop = -(-self.size >> self.cluster_bits) if end >= self.size else end >> self.cluster_bits
         return first, max(first, stop)
 
-    def _zero_edges(self, offset: int, length: int, first: int, stop: int, *, fast: bool) -> None:
+    def _check_fast(self, offset: int, length: int) -> None:
+        """A fast zero must not write data (nor need to): refuse it before doing anything."""
+        if self.header.version < 3:
+            raise OSError(errno.ENOTSUP, "qcow2 version 2 has no zero clusters")
+        first, stop = self._whole_clusters(offset, length)
+        if self._edges(offset, length, first, stop):
+            raise OSError(errno.ENOTSUP, "zeroing part of a cluster would not be fast")
+
+    def _edges(self, offset: int, length: int, first: int, stop: int) -> list[tuple[int, int]]:
+        """The parts of the range outside the whole clusters [first, stop)."""
         end = offset + length
         if first >= stop:
             pieces = [(offset, length)]
@@ -602,7 +790,10 @@ class Qcow2Image(BlockDevice):
                 (offset, (first << self.cluster_bits) - offset),
                 (stop << self.cluster_bits, end - (stop << self.cluster_bits)),
             ]
-        pieces = [(start, count) for start, count in pieces if count > 0]
+        return [(start, count) for start, count in pieces if count > 0]
+
+    def _zero_edges(self, offset: int, length: int, first: int, stop: int, *, fast: bool) -> None:
+        pieces = self._edges(offset, length, first, stop)
         if pieces and fast:
             raise OSError(errno.ENOTSUP, "zeroing part of a cluster would not be fast")
         for start, count in pieces:
@@ -617,7 +808,7 @@ class Qcow2Image(BlockDevice):
                 cluster = table_end  # unallocated without a backing file already reads zeros
                 continue
             table_offset, table = self._writable_table(index)
-            self._l2_dirty.add(table_offset)  # before entries change: a failure keeps them
+            self.l2_cache.mark_dirty(table_offset)  # before entries change: a failure keeps them
             for each in range(cluster, table_end):
                 self._zero_entry(table, (each & self.l2_mask) * self.words, discard=discard)
             cluster = table_end
@@ -656,7 +847,7 @@ class Qcow2Image(BlockDevice):
             if not self.l1[index] & OFFSET_MASK:
                 continue
             table_offset, table = self._writable_table(index)
-            self._l2_dirty.add(table_offset)
+            self.l2_cache.mark_dirty(table_offset)
             slot = (cluster & self.l2_mask) * self.words
             self._release(table[slot])
             table[slot] = 0
@@ -670,37 +861,46 @@ class Qcow2Image(BlockDevice):
         to it; only then are released clusters freed (in memory; written by the next flush).
 
         What to write is captured under the image lock; the writes and syncs run without it
-        (requests go on meanwhile), and one flush at a time (a later flush must not be
-        overtaken by an earlier one's older copy of a table).
+        (requests go on meanwhile), and one metadata write at a time (a later one must not be
+        overtaken by an earlier one's older copy of a table). The tables captured stay
+        cached (pinned) until their write is done: reloaded earlier, they would be stale.
         """
         if self.refcounts is None:
             return
-        with self._flush_order:
-            with self._lock:
-                writes = self._take_metadata()
+        with self._lock:
+            self._wait_turn(self._take_turn())
             try:
-                self._write_metadata(writes)
+                writes = self._take_metadata()
             except BaseException:
-                with self._lock:
-                    self._give_back(writes)
+                self._done_writing()
                 raise
+        try:
+            self._write_metadata(writes)
+        except BaseException:
             with self._lock:
+                self._give_back(writes)
+                self._done_writing()
+            raise
+        with self._lock:
+            try:
+                self.l2_cache.written(_offsets(writes.tables), ok=True)
                 if writes.refcounts.frees:
                     self._reuse_epoch += 1  # before any freed cluster can be allocated again
                 self.refcounts.apply_frees(writes.refcounts.frees)
+            finally:
+                self._done_writing()
 
     def _take_metadata(self) -> _MetadataWrites:
         assert self.refcounts is not None
-        tables = [(offset, table_bytes(self._l2[offset])) for offset in sorted(self._l2_dirty)]
+        tables = [(offset, table_bytes(table)) for offset, table in self.l2_cache.take_dirty()]
         l1 = table_bytes(self.l1) if self.l1_dirty else None
-        self._l2_dirty.clear()
         self.l1_dirty = False
         return _MetadataWrites(self.refcounts.take_increments(), tables, l1)
 
     def _give_back(self, writes: _MetadataWrites) -> None:
         assert self.refcounts is not None
         self.refcounts.give_back(writes.refcounts)
-        self._l2_dirty.update(offset for offset, _ in writes.tables if offset in self._l2)
+        self.l2_cache.written(_offsets(writes.tables), ok=False)
         self.l1_dirty = self.l1_dirty or writes.l1 is not None
 
     def _write_metadata(self, writes: _MetadataWrites) -> None:
@@ -776,7 +976,7 @@ class Qcow2Image(BlockDevice):
         past_end: int,
     ) -> list[Extent]:
         with self._lock:
-            self._trim_cache()
+            self._room()
             length = min(length, BLOCK_STATUS_CLUSTERS << self.cluster_bits)
             extents: list[Extent] = []
             for kind, position, count, _ in self._segments(offset, length):
@@ -824,6 +1024,10 @@ class Qcow2Image(BlockDevice):
             if self.backing is not None:
                 self.backing.close()
             self._on_close()
+
+
+def _offsets(tables: Iterable[tuple[int, object]]) -> list[int]:
+    return [offset for offset, _ in tables]
 
 
 def _append(segments: list[Segment], segment: Segment) -> None:
