@@ -18,6 +18,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from nbdguard import __version__
+from nbdguard.guard.signatures import RULE_SETS
 from nbdguard.protocol.constants import Command
 
 # 10 µs .. 10 s, roughly three buckets a decade.
@@ -36,6 +37,71 @@ COMMAND_LABELS: dict[int, str] = {
 }
 UNKNOWN_COMMAND = "other"
 _READ, _WRITE = int(Command.READ), int(Command.WRITE)
+
+# Every label value known before the first event is exposed at 0 from the start, so that a
+# healthy server shows zeros rather than "no data", and so that increase() sees the first
+# event (a series born at 1 has no earlier sample to rise from). Names not listed here
+# still work: they just appear at their first event.
+
+# How a connection's handshake ended. Listing exports or querying one (NBD_OPT_LIST,
+# NBD_OPT_INFO, NBD_OPT_LIST_META_CONTEXT) and then sending NBD_OPT_ABORT is normal use
+# (`nbdinfo --list`), not a failure; "failed" has the reason in nbdguard_handshake_failures.
+HANDSHAKE_OUTCOMES = ("transmission", "list", "info", "aborted", "failed")
+CLEAN_HANDSHAKE_ENDS = ("list", "info", "aborted")  # HandshakeClosed codes of a clean ABORT
+HANDSHAKE_FAILURE_REASONS = (
+    "bad_client_flags",
+    "bad_option_magic",
+    "too_many_options",
+    "oversized_option",
+    "unknown_export",
+    "export_busy",
+    "tls_required",
+    "tls",
+    "timeout",
+    "disconnected",
+)
+LIMITS = (
+    "max_connections",
+    "max_connections_per_client",
+    "export_max_connections",
+    "max_requests_in_flight",
+    "max_buffered_bytes_per_connection",
+    "idle_timeout",
+    "evicted_idle",
+)
+CHAIN_REFUSAL_REASONS = (
+    "bad_header",
+    "encrypted",
+    "unsupported_feature",
+    "corrupt",
+    "dirty",
+    "too_deep",
+    "cycle",
+    "locked",
+    "not_regular_file",
+    "open_failed",
+    "changed_during_open",
+    "outside_allow_dirs",
+    "protocol_name",
+    "pin_mismatch",
+    "format_missing",
+    "unsupported_format",
+)
+HTTP_ERROR_REASONS = (
+    "closed",
+    "incomplete",
+    "timeout",
+    "reset",
+    "malformed",
+    "head_too_large",
+    "write_timeout",
+    "accept_failed",
+    "exposition_failed",
+    "internal",
+)
+# The commands a sector-0 guard can refuse (a trimmed or zeroed sector 0 is checked too).
+GUARDED_COMMANDS = ("write", "write_zeroes", "trim")
+NO_HEADER = "none"  # nbdguard_export_existing_header's format label when sector 0 is no header
 
 
 def command_label(command: int) -> str:
@@ -60,12 +126,22 @@ class Metrics:
             ["export"],
             registry=r,
         )
+        self.handshakes = Counter(
+            "nbdguard_handshakes",
+            "Handshakes by how they ended: transmission, list/info/aborted (the client asked "
+            "what it wanted, then sent NBD_OPT_ABORT) or failed.",
+            ["outcome"],
+            registry=r,
+        )
+        self.handshake_outcome = {o: self.handshakes.labels(outcome=o) for o in HANDSHAKE_OUTCOMES}
         self.handshake_failures = Counter(
             "nbdguard_handshake_failures",
-            "Connections that ended during the handshake.",
+            "Handshakes that failed (outcome=failed), by reason.",
             ["reason"],
             registry=r,
         )
+        for reason in HANDSHAKE_FAILURE_REASONS:
+            self.handshake_failures.labels(reason=reason)
         self.exports: list[ExportMetrics] = []
         r.register(_RequestCollector(self))
         self.export_size = Gauge(
@@ -125,6 +201,8 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        for limit in LIMITS:
+            self.limit_hits.labels(limit=limit)
         self.http_refused = Counter(
             "nbdguard_http_connections_refused",
             "Operator-endpoint (HTTP) connections closed at once: the connection cap was reached.",
@@ -136,17 +214,34 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in HTTP_ERROR_REASONS:
+            self.http_errors.labels(reason=reason)
         self.build_info = Gauge("nbdguard_build_info", "nbdguard version.", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)
 
     def for_export(self, export: str, *, per_request: bool = True) -> ExportMetrics:
+        """The export's metrics; an export removed and added back by a reload gets its old
+        object again, so that its series stay single and its counters never go back."""
+        for existing in self.exports:
+            if existing.export == export:
+                existing.per_request = per_request
+                existing.opening()
+                return existing
         return ExportMetrics(self, export, per_request=per_request)
 
     def limit_hit(self, limit: str) -> None:
         self.limit_hits.labels(limit=limit).inc()
 
-    def handshake_failed(self, reason: str) -> None:
-        self.handshake_failures.labels(reason=reason).inc()
+    def handshake_ended(self, code: str) -> None:
+        """A handshake closed before transmission, with HandshakeClosed's (or the
+        connection's) code: a clean ABORT is an outcome of its own, anything else failed."""
+        if code in CLEAN_HANDSHAKE_ENDS:
+            self.handshake_outcome[code].inc()
+            return
+        self.handshake_outcome["failed"].inc()
+        self.handshake_failures.labels(reason=code).inc()
+
+    handshake_failed = handshake_ended  # the name the connection calls
 
 
 class CommandStats:
@@ -181,9 +276,30 @@ class ExportMetrics:
         self._connections_total = metrics.connections_total.labels(export=export)
         rmw = metrics.sector0_rmw.labels(export=export)
         self.count_rmw: Callable[[], None] = rmw.inc
+        self._transmission = metrics.handshake_outcome["transmission"]
+        metrics.sector_lock_timeouts.labels(export=export)
+        for reason in CHAIN_REFUSAL_REASONS:
+            metrics.chain_refused.labels(export=export, reason=reason)
+        self._header_reported = False
         metrics.exports.append(self)
 
+    def opening(self) -> None:
+        """The export is being opened (again): what sector 0 held is not known yet (an
+        export refused for its header then has no existing_header series at all)."""
+        self._header_reported = False
+        self._set_existing_header(None, 0)
+
     def opened(self, *, size: int, fmt: str, read_only: bool, header_guard: str) -> None:
+        """The export is served: its static series, and zeros for every header format its
+        guard can refuse and for "sector 0 holds no header" (existing_header overrides)."""
+        metrics = self.metrics
+        for rule in RULE_SETS.get(header_guard, ()):
+            for command in GUARDED_COMMANDS:
+                metrics.header_writes_blocked.labels(
+                    export=self.export, format=rule.format, command=command
+                )
+        if not self._header_reported:
+            self._set_existing_header(NO_HEADER, 0)
         self.metrics.export_size.labels(export=self.export).set(size)
         self.metrics.export_info.labels(
             export=self.export,
@@ -197,6 +313,7 @@ class ExportMetrics:
         self.metrics.export_up.labels(export=self.export).set(0)
 
     def connection_opened(self) -> None:
+        self._transmission.inc()
         self._connections.inc()
         self._connections_total.inc()
 
@@ -249,7 +366,24 @@ class ExportMetrics:
         self.metrics.qcow2_corruption.labels(export=self.export, kind=kind).inc()
 
     def existing_header(self, detected_format: str) -> None:
-        self.metrics.existing_header.labels(export=self.export, format=detected_format).set(1)
+        """Reported while the export opens, before `opened`."""
+        self._header_reported = True
+        self._set_existing_header(detected_format, 1)
+
+    def _set_existing_header(self, fmt: str | None, value: int) -> None:
+        """One series per export: format="none" at 0, or the detected format at 1 (None:
+        no series)."""
+        gauge = self.metrics.existing_header
+        for labels in _label_sets(gauge):
+            if labels["export"] == self.export and labels["format"] != fmt:
+                gauge.remove(self.export, labels["format"])
+        if fmt is not None:
+            gauge.labels(export=self.export, format=fmt).set(value)
+
+
+def _label_sets(metric: Gauge) -> list[dict[str, str]]:
+    """The label sets a labelled metric has children for (read through collect())."""
+    return [dict(s.labels) for family in metric.collect() for s in family.samples]
 
 
 class _RequestCollector(Collector):

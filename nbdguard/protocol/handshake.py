@@ -68,7 +68,9 @@ class HandshakeDone:
 class HandshakeClosed:
     reason: str  # human-readable
     clean: bool  # the client asked (ABORT); False = protocol violation
-    code: str = "protocol_violation"  # stable, for metrics: aborted, unknown_export, …
+    # Stable, for metrics: a clean ABORT is "list" (after NBD_OPT_LIST), "info" (after an
+    # answered NBD_OPT_INFO or LIST_META_CONTEXT) or "aborted"; else unknown_export, …
+    code: str = "protocol_violation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,7 @@ class StartTls:
 
 HandshakeEvent = HandshakeDone | HandshakeClosed | StartTls
 TLS_MODES = ("off", "on", "require")
+CLEAN_CODES = ("list", "info", "aborted")
 
 
 class OptionError(Exception):
@@ -101,6 +104,7 @@ class _State:
     options_seen: int = 0
     structured_replies: bool = False
     meta: _MetaSelection | None = None
+    asked: str | None = None  # "list" or "info" once such a query was answered
     # The option header being received: (option, length); None while awaiting a header.
     pending: tuple[int, int] | None = None
     skipping: int = 0  # bytes of an oversized option payload still to discard
@@ -226,7 +230,7 @@ class Handshake:
         return True
 
     def _close(self, reason: str, code: str) -> bool:
-        self._event = HandshakeClosed(reason, code == "aborted", code)
+        self._event = HandshakeClosed(reason, code in CLEAN_CODES, code)
         return False
 
     def _reply(self, option: int, reply: OptionReply, payload: bytes = b"") -> None:
@@ -266,7 +270,14 @@ class Handshake:
 
     def _opt_abort(self, option: int, payload: bytes) -> None:
         self._reply(option, OptionReply.ACK)
-        self._close("client sent NBD_OPT_ABORT", "aborted")
+        asked = self._state.asked
+        after = f" after NBD_OPT_{asked.upper()}" if asked else ""
+        self._close(f"client sent NBD_OPT_ABORT{after}", asked or "aborted")
+
+    def _answered(self, query: str) -> None:
+        """A LIST outranks an INFO in how the session is counted."""
+        if self._state.asked != "list":
+            self._state.asked = query
 
     def _opt_list(self, option: int, payload: bytes) -> None:
         if payload:
@@ -275,6 +286,7 @@ class Handshake:
             entry = wire.server_entry(export.name.encode(), export.description.encode())
             self._reply(option, OptionReply.SERVER, entry)
         self._reply(option, OptionReply.ACK)
+        self._answered("list")
 
     def _opt_info_or_go(self, option: int, payload: bytes) -> None:
         name, requests = _parse_info_request(payload)
@@ -297,6 +309,8 @@ class Handshake:
         self._reply(option, OptionReply.ACK)
         if option == Option.GO:
             self._finish(export)
+        else:
+            self._answered("info")
 
     def _opt_starttls(self, option: int, payload: bytes) -> None:
         if self._tls_mode == "off":
@@ -332,6 +346,7 @@ class Handshake:
             ids = tuple(META_CONTEXTS[context] for context in matched)
             self._state.meta = _MetaSelection(name, ids)
         self._reply(option, OptionReply.ACK)
+        self._answered("info")
 
     def _flags_for(self, export: ExportInfo) -> int:
         """DF only makes sense (and is only allowed) with structured replies."""

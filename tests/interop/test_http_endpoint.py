@@ -173,7 +173,7 @@ def test_reset_during_a_reply_is_an_event_not_a_traceback(tmp_path: Path) -> Non
                 conn.sendall(b"GET /metrics HTT")
                 _reset(conn)
         text = scrape_when_admitted(server, timeout=10)
-        assert sample(text, "nbdguard_http_errors_total", reason="reset") is not None
+        assert (sample(text, "nbdguard_http_errors_total", reason="reset") or 0) >= 1
         assert (sample(text, "nbdguard_http_errors_total", reason="malformed") or 0) >= 1
         assert server.scrape("/healthz") == (200, "ok\n")
     finally:

@@ -29,7 +29,9 @@ def test_a_header_write_loop_keeps_the_log_bounded(tmp_path: Path) -> None:
             except nbd.Error:
                 refused += 1
         assert refused == WRITES
-        blocked = running.sample("nbdguard_header_writes_blocked_total", export="flood")
+        blocked = running.sample(
+            "nbdguard_header_writes_blocked_total", export="flood", format="qcow2", command="write"
+        )
         assert blocked == WRITES  # metrics count every one
         h.shutdown()
     finally:

@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 
 from tests.guard.samples import QEMU_HEADERS
-from tests.interop.conftest import ExportSpec, RunningServer, free_port, sample, start_server
+from tests.interop.conftest import (
+    ExportSpec,
+    RunningServer,
+    free_port,
+    sample,
+    start_server,
+    write_config,
+)
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
 pytestmark = pytest.mark.interop
@@ -113,14 +120,8 @@ def test_healthz_and_request_metrics(observed: RunningServer) -> None:
 
 
 def test_handshake_failures_are_counted_and_logged(observed: RunningServer) -> None:
-    # start_server's readiness probe connected once and left: wait until it is counted,
-    # or it may land after `before` on a loaded machine
-    probes = 0.0
-    deadline = time.monotonic() + 10
-    while not probes and time.monotonic() < deadline:
-        _, before = observed.scrape()
-        probes = sample(before, "nbdguard_handshake_failures_total", reason="disconnected") or 0
-        time.sleep(0.05)
+    before = _wait_for_probe(observed)
+    probes = sample(before, "nbdguard_handshake_failures_total", reason="disconnected") or 0
     with socket.socket(socket.AF_UNIX) as raw:
         raw.connect(str(observed.socket_path))
         raw.recv(18)
@@ -129,9 +130,11 @@ def test_handshake_failures_are_counted_and_logged(observed: RunningServer) -> N
     with socket.socket(socket.AF_UNIX) as raw:
         raw.connect(str(observed.socket_path))
         raw.recv(18)
-    time.sleep(0.3)
-    _, text = observed.scrape()
-    assert sample(text, "nbdguard_handshake_failures_total", reason="bad_option_magic") == 1
+    _wait_for(observed, "nbdguard_handshake_failures_total", 1, reason="bad_option_magic")
+    text = _wait_for(
+        observed, "nbdguard_handshake_failures_total", probes + 1, reason="disconnected"
+    )
+    assert sample(text, "nbdguard_handshakes_total", outcome="failed") == probes + 2
     assert sample(text, "nbdguard_handshake_failures_total", reason="disconnected") == probes + 1
     failed = [e for e in events(observed) if e["event"] == "handshake.failed"]
     assert {e["reason_code"] for e in failed} == {"bad_option_magic", "disconnected"}
@@ -193,13 +196,18 @@ def test_real_prometheus_scrapes_a_blocked_write(observed: RunningServer, tmp_pa
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    vmdk = 'nbdguard_header_writes_blocked_total{export="vm1",format="vmdk",command="write"}'
     try:
+        # exposed at 0 before any write, so the alert's increase() sees the first one
+        [zero] = _query_until(prom_port, vmdk, deadline=60)
+        assert float(zero["value"][1]) == 0
         h = nbd.NBD()
         h.connect_uri(observed.uri("vm1"))
         with pytest.raises(nbd.Error):
             h.pwrite(QEMU_HEADERS["vmdk"], 0)
         h.shutdown()
-        result = _query_until(prom_port, "nbdguard_header_writes_blocked_total", deadline=60)
+        query = "increase(nbdguard_header_writes_blocked_total[1m]) > 0"
+        result = _query_until(prom_port, query, deadline=60)
     finally:
         process.terminate()
         process.wait(timeout=20)
@@ -207,7 +215,7 @@ def test_real_prometheus_scrapes_a_blocked_write(observed: RunningServer, tmp_pa
     assert series["metric"]["export"] == "vm1"
     assert series["metric"]["format"] == "vmdk"
     assert series["metric"]["command"] == "write"
-    assert float(series["value"][1]) == 1
+    assert float(series["value"][1]) > 0  # extrapolated over the window
 
 
 def _query_until(port: int, query: str, deadline: float) -> list[dict[str, Any]]:
@@ -232,14 +240,124 @@ def test_exposed_names_include_histograms(observed: RunningServer) -> None:
     assert "nbdguard_chain_refused_total" in names  # declared even before any refusal
 
 
-def test_every_promql_expression_uses_exposed_metrics(observed: RunningServer) -> None:
-    """The dashboard and the alert rules may only name metrics a live nbdguard exposes."""
-    from tests.test_deploy_files import promql_expressions
+def _wait_for_probe(server: RunningServer) -> str:
+    """start_server's readiness probe connected and left: wait until it is counted, or it
+    may land in the middle of a test on a loaded machine. Returns that scrape."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        _, text = server.scrape()
+        if sample(text, "nbdguard_handshake_failures_total", reason="disconnected"):
+            return text
+        time.sleep(0.05)
+    raise AssertionError("the readiness probe was never counted")
 
-    _, text = observed.scrape()
-    exposed = exposed_names(text)
-    expressions = promql_expressions()
-    assert expressions, "no PromQL found in the dashboard or the rules"
-    for expression in expressions:
-        for name in re.findall(r"\bnbdguard_[a-z0-9_]+", expression):
-            assert name in exposed, f"{name!r} in {expression!r} is not exposed"
+
+def _wait_for(server: RunningServer, name: str, value: float, **labels: str) -> str:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        _, text = server.scrape()
+        if sample(text, name, **labels) == value:
+            return text
+        time.sleep(0.05)
+    raise AssertionError(f"{name}{labels} never reached {value}")
+
+
+def test_listing_and_aborting_are_outcomes_not_failures(observed: RunningServer) -> None:
+    nbdinfo = shutil.which("nbdinfo")
+    if nbdinfo is None:
+        pytest.skip("nbdinfo is not installed (Debian package libnbd-bin)")
+    before = _wait_for_probe(observed)
+    failures = {
+        line.split(" ")[0] + " " + line.rsplit(" ", 1)[1]
+        for line in before.splitlines()
+        if line.startswith("nbdguard_handshake_failures_total{")
+    }
+    listing = subprocess.run(
+        [nbdinfo, "--list", observed.uri("")], capture_output=True, text=True, timeout=60
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert "vm1" in listing.stdout and "ro" in listing.stdout
+    with socket.socket(socket.AF_UNIX) as raw:  # a bare NBD_OPT_ABORT
+        raw.connect(str(observed.socket_path))
+        raw.recv(18)
+        raw.sendall(struct.pack(">IQII", 3, 0x49484156454F5054, 2, 0))
+        raw.recv(100)
+    _wait_for(observed, "nbdguard_handshakes_total", 1, outcome="list")
+    text = _wait_for(observed, "nbdguard_handshakes_total", 1, outcome="aborted")
+    assert sample(text, "nbdguard_handshakes_total", outcome="list") == 1
+    assert sample(text, "nbdguard_handshakes_total", outcome="failed") == 1  # the probe
+    after = {
+        line.split(" ")[0] + " " + line.rsplit(" ", 1)[1]
+        for line in text.splitlines()
+        if line.startswith("nbdguard_handshake_failures_total{")
+    }
+    assert after == failures  # no failure reason moved
+    h = nbd.NBD()
+    h.connect_uri(observed.uri("vm1"))
+    h.shutdown()
+    text = _wait_for(observed, "nbdguard_handshakes_total", 1, outcome="transmission")
+    assert sample(text, "nbdguard_handshakes_total", outcome="failed") == 1
+
+
+def test_existing_header_gauge_has_one_series_per_export(tmp_path: Path) -> None:
+    server = start_server(
+        tmp_path / "hdr",
+        [
+            ExportSpec("plain", size=1 << 20),
+            ExportSpec(
+                "misdeclared",
+                size=1 << 20,
+                fill=QEMU_HEADERS["qcow2"],
+                extra={"on_existing_header": "warn"},
+            ),
+            ExportSpec(
+                "refused",
+                size=1 << 20,
+                fill=QEMU_HEADERS["vmdk"],
+                extra={"on_existing_header": "refuse"},
+            ),
+        ],
+        metrics=True,
+    )
+    try:
+        _, text = server.scrape()
+    finally:
+        assert server.stop() == 0, server.log()
+    lines = [
+        line for line in text.splitlines() if line.startswith("nbdguard_export_existing_header{")
+    ]
+    assert len(lines) == 2, lines
+    assert sample(text, "nbdguard_export_existing_header", export="plain", format="none") == 0
+    # refused at open: what sector 0 holds is in the log, and the export is down
+    assert sample(text, "nbdguard_export_existing_header", export="refused") is None
+    assert sample(text, "nbdguard_export_up", export="refused") == 0
+    assert (
+        sample(text, "nbdguard_export_existing_header", export="misdeclared", format="qcow2") == 1
+    )
+
+
+def test_an_export_removed_and_added_back_keeps_single_series(tmp_path: Path) -> None:
+    """Two ExportMetrics for one name would expose every request series twice, which
+    Prometheus rejects (the whole scrape fails)."""
+    from tests.interop.test_reload import hangup, reconfigure
+
+    a, b = ExportSpec("a", size=1 << 20), ExportSpec("b", size=1 << 20)
+    server = start_server(tmp_path / "srv", [a, b], metrics=True)
+    metrics_listen = {"metrics_listen": f"127.0.0.1:{server.metrics_port}"}
+    try:
+        h = nbd.NBD()
+        h.connect_uri(server.uri("b"))
+        h.pread(512, 0)
+        h.shutdown()
+        for exports in ([a], [a, b]):
+            reconfigure(server, exports)
+            write_config(server.directory, exports, server.port, **metrics_listen)
+            hangup(server, "config.reloaded")
+        _, text = server.scrape()
+    finally:
+        assert server.stop() == 0, server.log()
+    series = [line.rsplit(" ", 1)[0] for line in text.splitlines() if line[:1] not in "#"]
+    duplicates = {line for line in series if series.count(line) > 1}
+    assert not duplicates, sorted(duplicates)[:5]
+    assert sample(text, "nbdguard_requests_total", export="b", command="read") == 1  # kept
+    assert sample(text, "nbdguard_export_up", export="b") == 1

@@ -119,4 +119,5 @@ def test_slow_header_write_at_sector_0_writes_nothing_and_is_refused(
         assert simple_reply(sock) == (NBDError.EPERM, 21)
         sock.sendall(request(Command.DISC))
     assert image.read_bytes() == before
-    assert running.sample("nbdguard_header_writes_blocked_total", export="d") == 1
+    blocked = {"export": "d", "format": "qcow2", "command": "write"}
+    assert running.sample("nbdguard_header_writes_blocked_total", **blocked) == 1
