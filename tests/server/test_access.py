@@ -1,16 +1,21 @@
-"""Client identities: certificate subjects as RFC 4514 strings, refused when ambiguous, and
-what allow_clients/allow_addresses let through."""
+"""Client identities: certificate subjects as RFC 4514 strings, refused when ambiguous, what
+allow_clients/allow_addresses let through, and access changes applied to an open export."""
 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from nbdguard.config import ExportConfig
+from nbdguard.protocol.constants import TransmissionFlag
+from nbdguard.protocol.handshake import ExportInfo
 from nbdguard.server.access import ClientIdentity, allows, escape_value, rfc4514_subject
+from nbdguard.server.exports import Export, transmission_flags
+from nbdguard.storage.device import Capabilities
 
 
 def certificate(*rdns: tuple[tuple[str, str], ...]) -> dict[str, Any]:
@@ -133,3 +138,65 @@ def test_allow_addresses_applies_to_tcp_clients_only() -> None:
     assert allows(lan, ClientIdentity(ipaddress.ip_address("::ffff:10.1.2.3")))
     assert not allows(lan, ClientIdentity(ipaddress.ip_address("192.0.2.7")))
     assert allows(lan, ClientIdentity(None))  # Unix socket: file permissions govern
+
+
+class _Device:
+    """Just what Export.reconfigure looks at."""
+
+    def __init__(self, read_only: bool) -> None:
+        self.capabilities = Capabilities(
+            read_only=read_only, multi_conn=True, fast_zero=True, sparse_reads=True
+        )
+
+
+def opened(config: ExportConfig, *, device_read_only: bool = False) -> Export:
+    device = _Device(device_read_only or config.read_only)
+    flags = transmission_flags(device.capabilities, read_only=config.read_only)
+    info = ExportInfo(config.name, "", 1 << 20, flags, 1, 4096, 1 << 25)
+    return Export(config, device, info, metrics=None)  # type: ignore[arg-type]
+
+
+def test_access_keys_apply_to_the_open_export() -> None:
+    served = opened(export())
+    tightened = export(
+        allow_clients=("CN=web01",),
+        allow_addresses=(ipaddress.ip_network("10.0.0.0/8"),),
+        max_connections=1,
+    )
+    assert served.reconfigure(tightened) == ["allow_clients", "allow_addresses", "max_connections"]
+    assert served.config is tightened
+    assert not served.info.flags & TransmissionFlag.READ_ONLY
+
+
+def test_read_only_on_a_writable_device_is_advertised_both_ways() -> None:
+    served = opened(export())
+    assert served.info.flags & TransmissionFlag.SEND_TRIM
+    assert served.reconfigure(export(read_only=True)) == ["read_only"]
+    assert served.info.flags & TransmissionFlag.READ_ONLY
+    assert not served.info.flags & (TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_FUA)
+    assert served.reconfigure(export()) == ["read_only"]
+    assert not served.info.flags & TransmissionFlag.READ_ONLY
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"path": Path("/images/other.raw")},
+        {"header_guard": "strict"},
+        {"description": "new"},
+        {"header_guard": "off", "allow_clients": ("CN=web01",)},  # mixed: nothing applies
+    ],
+)
+def test_changes_that_need_a_reopen_apply_nothing(change: dict[str, Any]) -> None:
+    original = export()
+    served = opened(original)
+    info = served.info
+    assert served.reconfigure(replace(original, **change)) is None
+    assert served.config is original and served.info is info
+
+
+def test_read_only_cannot_be_cleared_on_a_device_opened_read_only() -> None:
+    original = export(read_only=True)
+    served = opened(original)
+    assert served.reconfigure(export()) is None
+    assert served.config is original and served.info.flags & TransmissionFlag.READ_ONLY
