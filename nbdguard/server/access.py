@@ -17,7 +17,8 @@ from nbdguard.config import ExportConfig, parse_subject
 from nbdguard.protocol.handshake import ExportInfo
 from nbdguard.server.exports import ExportRegistry
 
-# ssl.getpeercert() attribute names -> the short names used in config subjects
+# ssl.getpeercert() attribute names -> the short names used in config subjects and, for
+# those RFC 4514 section 3 defines (CN, L, ST, O, OU, C, STREET, DC, UID), in logged subjects
 _SHORT_NAMES = {
     "commonName": "CN",
     "organizationName": "O",
@@ -25,14 +26,21 @@ _SHORT_NAMES = {
     "countryName": "C",
     "localityName": "L",
     "stateOrProvinceName": "ST",
+    "streetAddress": "STREET",
+    "domainComponent": "DC",
+    "userId": "UID",
     "emailAddress": "emailAddress",
 }
+_ESCAPED = frozenset(',+="\\<>;')  # backslash-escaped anywhere in a value (RFC 4514 2.4)
+
+RDN = tuple[tuple[str, str], ...]  # one RelativeDistinguishedName: (type, value) pairs
 
 
 @dataclass(slots=True)
 class ClientIdentity:
     address: ipaddress.IPv4Address | ipaddress.IPv6Address | None  # None: Unix socket
     subject: dict[str, str] = field(default_factory=dict)  # verified certificate only
+    rdns: tuple[RDN, ...] = ()  # the whole subject, in certificate (ASN.1) order
 
     @classmethod
     def from_peer(cls, peer: Any) -> ClientIdentity:
@@ -43,14 +51,63 @@ class ClientIdentity:
                 pass
         return cls(None)
 
-    def set_certificate(self, certificate: dict[str, Any] | None) -> None:
+    def set_certificate(self, certificate: dict[str, Any] | None) -> str | None:
+        """Take the verified certificate's subject; return why it must be refused, if so.
+
+        allow_clients matches one value per attribute: a subject that repeats one (two CNs,
+        say) has no single identity, and matching either would let a CA-issued "CN=web01"
+        pass for whatever else it names, so such a certificate is refused, not guessed at.
+        """
+        self.rdns = tuple(
+            tuple((_SHORT_NAMES.get(key, key), str(value)) for key, value in rdn)
+            for rdn in (certificate or {}).get("subject", ())
+        )
         self.subject = {}
-        for rdn in (certificate or {}).get("subject", ()):
-            for key, value in rdn:
-                self.subject[_SHORT_NAMES.get(key, key)] = value
+        repeated: list[str] = []
+        for key, value in (pair for rdn in self.rdns for pair in rdn):
+            if key in self.subject and key not in repeated:
+                repeated.append(key)
+            self.subject[key] = value
+        if not repeated:
+            return None
+        self.subject = {}  # no identity to match on, even if a caller forgets the refusal
+        return (
+            f"the client certificate's subject repeats {', '.join(repeated)}: it names more "
+            f"than one identity and cannot be matched against allow_clients"
+        )
 
     def describe(self) -> str:
-        return ",".join(f"{key}={value}" for key, value in self.subject.items())
+        """The whole subject as an RFC 4514 string (most specific RDN first)."""
+        return rfc4514_subject(self.rdns)
+
+
+def rfc4514_subject(rdns: Iterable[RDN]) -> str:
+    """RFC 4514 section 2: RDNs in reverse (ASN.1) order joined by ",", the attributes of a
+    multi-valued RDN by "+", each value escaped."""
+    return ",".join(
+        "+".join(f"{key}={escape_value(value)}" for key, value in rdn)
+        for rdn in reversed(tuple(rdns))
+    )
+
+
+def escape_value(value: str) -> str:
+    """Escape one attribute value (RFC 4514 section 2.4): the special characters with a
+    backslash, a leading "#" or space and a trailing space likewise, and control characters
+    (NUL included) as backslash-hex, so a logged subject is one unambiguous line."""
+    out = [_escape_char(char) for char in value]
+    if out and value[0] in "# ":
+        out[0] = "\\" + value[0]
+    if out and value[-1] == " ":
+        out[-1] = "\\ "
+    return "".join(out)
+
+
+def _escape_char(char: str) -> str:
+    if char in _ESCAPED:
+        return "\\" + char
+    if char < " " or char == "\x7f":
+        return f"\\{ord(char):02X}"
+    return char
 
 
 def allows(config: ExportConfig, client: ClientIdentity) -> bool:

@@ -244,7 +244,9 @@ class Server:
     def reload(self) -> None:
         """SIGHUP: re-read the config file. New exports open, removed ones stop taking
         connections (and close when their last one ends), unchanged ones are untouched, and
-        an export that was refused is tried again. An invalid file changes nothing."""
+        an export that was refused is tried again. Access keys and read_only of an open export
+        apply to its new connections at once; other changes wait for it to be reopened. An
+        invalid file changes nothing."""
         source = self.config.source
         if source is None:
             self.log.warning("config.reload_skipped", reason="serving without a config file")
@@ -277,10 +279,14 @@ class Server:
             report["removed"].append(name)
         for export_config in wanted:
             old = current.get(export_config.name)
-            if old is not None and old != export_config and self.registry.get(old.name):
-                report["changed"].append(old.name)  # reopening would cut its clients off
-                kept.append(old)
-                continue
+            served = self.registry.get(export_config.name)
+            if old is not None and old != export_config and served is not None:
+                applied = served.reconfigure(export_config)
+                if applied is None:
+                    report["changed"].append(old.name)  # reopening would cut its clients off
+                    kept.append(old)
+                    continue
+                self._access_changed(served, applied)
             kept.append(export_config)
             if self.registry.get(export_config.name) is not None:
                 report["kept"].append(export_config.name)
@@ -298,6 +304,14 @@ class Server:
                 "remove it and reload, then add it back and reload",
             )
         self.log.info("config.reloaded", **{k: sorted(v) for k, v in report.items()})
+
+    def _access_changed(self, export: Export, keys: list[str]) -> None:
+        self.log.info(
+            "config.access_changed",
+            export=export.name,
+            keys=keys,
+            message="applies to new connections; open ones keep what they negotiated",
+        )
 
     async def shutdown(self) -> None:
         """Stop accepting, drain, then flush and close every export, even past one that

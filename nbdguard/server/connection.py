@@ -273,8 +273,12 @@ class Connection(asyncio.BufferedProtocol):
         if self.handshake is None or transport is None:
             return  # timed out or closed meanwhile
         self.transport = transport
-        self.client.set_certificate(transport.get_extra_info("peercert"))
+        refusal = self.client.set_certificate(transport.get_extra_info("peercert"))
         self.log = self.log.bind(tls=True, client_cert=self.client.describe() or None)
+        if refusal is not None:  # counted and logged like a failed TLS handshake
+            self._handshake_failed("certificate", refusal, clean=False)
+            transport.close()
+            return
         self.log.info("connection.tls")
         key = certificate_key(self.client)
         if key is not None and (refused := self.server.admission.rekey(self, key)) is not None:

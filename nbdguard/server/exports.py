@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
-from nbdguard.config import ExportConfig
+from nbdguard.config import ACCESS_KEYS, ExportConfig
 from nbdguard.errors import NbdguardError
 from nbdguard.observability.metrics import ExportMetrics
 from nbdguard.observability.reporter import ExportReporter
@@ -22,6 +22,9 @@ from nbdguard.storage.stack import build_device
 _WRITE_FLAGS = (
     TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES
 )
+# What a reload may change on an open export: decided per connection at its handshake, so
+# new connections get the new values and open ones keep what they negotiated.
+LIVE_KEYS = frozenset((*ACCESS_KEYS, "read_only"))
 
 
 @dataclass(slots=True)
@@ -49,20 +52,43 @@ class Export:
         if self.retired and self.connections == 0:
             self.close()
 
+    def reconfigure(self, config: ExportConfig) -> list[str] | None:
+        """Serve new connections by a reloaded definition, if the open device allows it.
+
+        Returns the keys that changed, or None (nothing applied) when the change needs a
+        reopen: any key but LIVE_KEYS, or read_only turned off on a device opened read-only.
+        Turning read_only on keeps the writable device and only advertises NBD_FLAG_READ_ONLY,
+        which the validator then enforces (EPERM) on those connections.
+        """
+        old = self.config
+        changed = [
+            key.name
+            for key in fields(config)
+            if getattr(config, key.name) != getattr(old, key.name)
+        ]
+        writable = not self.device.capabilities.read_only
+        if not LIVE_KEYS.issuperset(changed) or not (config.read_only or writable):
+            return None
+        self.config = config
+        flags = transmission_flags(self.device.capabilities, read_only=config.read_only)
+        self.info = replace(self.info, flags=flags)
+        return changed
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.device.close()
 
 
-def transmission_flags(capabilities: Capabilities) -> int:
+def transmission_flags(capabilities: Capabilities, *, read_only: bool = False) -> int:
+    """What the handshake advertises; read_only hides a writable device's write support."""
     flags = (
         TransmissionFlag.HAS_FLAGS
         | TransmissionFlag.SEND_FLUSH
         | TransmissionFlag.SEND_DF
         | TransmissionFlag.SEND_CACHE
     )
-    if capabilities.read_only:
+    if capabilities.read_only or read_only:
         flags |= TransmissionFlag.READ_ONLY
     else:
         flags |= _WRITE_FLAGS
@@ -80,7 +106,7 @@ def open_export(config: ExportConfig, metrics: ExportMetrics) -> Export:
         name=config.name,
         description=config.description,
         size=device.size,
-        flags=transmission_flags(device.capabilities),
+        flags=transmission_flags(device.capabilities, read_only=config.read_only),
         min_block=MIN_BLOCK_SIZE,
         preferred_block=PREFERRED_BLOCK_SIZE,
         max_payload=MAX_PAYLOAD,

@@ -212,7 +212,7 @@ def test_tls_clients_are_counted_by_certificate_subject(tmp_path: Path, pki: Pat
     assert web[0].pread(16, 0) == PATTERN[:16]
     (event,) = events(server, "connection.refused")
     assert event["limit"] == "max_connections_per_client"
-    assert event["client_key"] == "cert O=Example,CN=web01"
+    assert event["client_key"] == "cert CN=web01,O=Example"  # RFC 4514
     assert server.sample("nbdguard_limit_hits_total", limit="max_connections_per_client") == 1
     for handle in web + db:
         handle.shutdown()

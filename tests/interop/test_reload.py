@@ -55,6 +55,16 @@ def connect(server: RunningServer, export: str) -> nbd.NBD:
     return handle
 
 
+LAN = {"allow_addresses": ["10.0.0.0/8"]}
+_ERRORS = "nbdguard_request_errors_total"
+
+
+def connect_tcp(server: RunningServer, export: str) -> nbd.NBD:
+    handle = nbd.NBD()
+    handle.connect_uri(server.uri(export, "tcp"))
+    return handle
+
+
 def test_reload_adds_removes_and_keeps_exports(tmp_path: Path) -> None:
     require("nbdinfo", "qemu-io")
     a, b, c = ExportSpec("a", size=1 << 20), ExportSpec("b", size=1 << 20), ExportSpec("c")
@@ -134,14 +144,88 @@ def test_a_refused_export_is_tried_again_on_reload(tmp_path: Path) -> None:
 
 def test_a_changed_export_keeps_its_definition_while_served(tmp_path: Path) -> None:
     require("nbdinfo")
-    spec = ExportSpec("a", size=1 << 20)
-    server = start_server(tmp_path / "srv", [spec])
+    server = start_server(tmp_path / "srv", [ExportSpec("a", size=1 << 20, read_only=True)])
     try:
-        reconfigure(server, [ExportSpec("a", size=1 << 20, read_only=True)])
+        # a device opened read-only cannot start taking writes without a reopen
+        reconfigure(server, [ExportSpec("a", size=1 << 20)])
         record = hangup(server, "config.export_changed")
         assert record["exports"] == ["a"]
         handle = connect(server, "a")
-        assert not handle.is_read_only()
+        assert handle.is_read_only()
         handle.shutdown()
+        # a guard setting needs a reopen too, and then nothing of the change applies
+        mixed = {**LAN, "header_guard": "strict"}
+        reconfigure(server, [ExportSpec("a", size=1 << 20, read_only=True, extra=mixed)])
+        record = hangup(server, "config.export_changed")
+        assert record["exports"] == ["a"]
+        connect_tcp(server, "a").shutdown()  # allow_addresses was not applied either
     finally:
         assert server.stop() == 0
+    assert '"config.access_changed"' not in server.log()
+
+
+def test_tightened_access_applies_to_new_connections_at_once(tmp_path: Path) -> None:
+    require("nbdinfo")
+    spec = ExportSpec("a", size=1 << 20, extra={"allow_addresses": ["127.0.0.0/8"]})
+    server = start_server(tmp_path / "srv", [spec])
+    try:
+        client_a = connect_tcp(server, "a")
+        client_a.pwrite(b"\x11" * 512, 0)
+        reconfigure(server, [ExportSpec("a", size=1 << 20, extra=LAN)])
+        record = hangup(server, "config.access_changed")
+        assert record["export"] == "a" and record["keys"] == ["allow_addresses"]
+        with pytest.raises(nbd.Error):
+            connect_tcp(server, "a")  # A's address no longer matches: refused
+        assert client_a.pread(512, 0) == b"\x11" * 512  # the open connection goes on
+        client_a.pwrite(b"\x22" * 512, 512)
+        other = connect(server, "a")  # Unix socket clients are not matched on addresses
+        other.shutdown()
+        # max_connections tightened below what is open: no new one, the open one stays
+        reconfigure(server, [ExportSpec("a", size=1 << 20, extra={**LAN, "max_connections": 1})])
+        record = hangup(server, "config.access_changed")
+        assert record["keys"] == ["max_connections"]
+        with pytest.raises(nbd.Error):
+            connect(server, "a")
+        assert client_a.pread(512, 512) == b"\x22" * 512
+        client_a.shutdown()
+    finally:
+        assert server.stop() == 0
+    assert '"config.export_changed"' not in server.log()
+    assert '"limit": "export_max_connections"' in server.log()
+
+
+def test_read_only_set_by_reload_applies_to_new_connections(tmp_path: Path) -> None:
+    require("nbdinfo")
+    server = start_server(tmp_path / "srv", [ExportSpec("a", size=1 << 20)], metrics=True)
+    image = server.images["a"]
+    try:
+        before = connect(server, "a")
+        reconfigure(server, [ExportSpec("a", size=1 << 20, read_only=True)])
+        record = hangup(server, "config.access_changed")
+        assert record["export"] == "a" and record["keys"] == ["read_only"]
+        after = connect(server, "a")
+        assert after.is_read_only() and not after.can_trim() and not after.can_zero()
+        after.set_strict_mode(0)  # send the write anyway: the server must refuse it
+        for write in (lambda: after.pwrite(b"\x33" * 4096, 0), lambda: after.zero(4096, 8192)):
+            with pytest.raises(nbd.Error) as refused:
+                write()
+            assert refused.value.errno == "EPERM"
+        assert after.pread(4096, 0) == bytes(4096)
+        for command in ("write", "write_zeroes"):  # refused by the server, not by libnbd
+            assert server.sample(_ERRORS, export="a", command=command, errno="1") == 1  # EPERM
+        after.shutdown()
+        assert not before.is_read_only()  # negotiated before the reload: keeps writing
+        before.pwrite(b"\x44" * 512, 65536)
+        before.flush()
+        # and back: the device was opened writable, so no reopen is needed either way
+        reconfigure(server, [ExportSpec("a", size=1 << 20)])
+        assert hangup(server, "config.access_changed")["keys"] == ["read_only"]
+        again = connect(server, "a")
+        assert not again.is_read_only()
+        again.shutdown()
+        before.shutdown()
+    finally:
+        assert server.stop() == 0
+    data = image.read_bytes()
+    assert data[:65536] == bytes(65536)  # nothing from the read-only connection
+    assert data[65536 : 65536 + 512] == b"\x44" * 512

@@ -3,6 +3,7 @@ and qemu-img/qemu-io (QEMU's tls-creds-x509). Certificates are made by the opens
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,6 +20,7 @@ SERVER_EXT = (
     "keyUsage=digitalSignature,keyEncipherment\n"
 )
 CLIENT_EXT = "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n"
+ODD_SUBJECT = "/C=US/O=Example\\, Inc./OU= R\\+D #1 /CN=web01"  # -subj: a backslash escapes
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -60,6 +62,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_cert(pki, "web01", "/O=Example/CN=web01", CLIENT_EXT)
     make_cert(pki, "db02", "/O=Example/CN=db02", CLIENT_EXT)
     make_cert(pki, "intruder", "/O=Example/CN=web01", CLIENT_EXT, ca="rogue")
+    # issued by our CA, but names two clients: matched on its last CN it would pass for web01
+    make_cert(pki, "twocn", "/O=Example/CN=db02/CN=web01", CLIENT_EXT)
+    make_cert(pki, "quoted", ODD_SUBJECT, CLIENT_EXT)
     return pki
 
 
@@ -115,7 +120,7 @@ def test_good_certificate_works_with_libnbd_and_qemu(tmp_path: Path, pki: Path) 
         assert server.stop() == 0
     assert server.images["vm1"].read_bytes()[65536 : 65536 + 4096] == b"\x33" * 4096
     log = server.log()
-    assert '"event": "connection.tls"' in log and '"client_cert": "O=Example,CN=web01"' in log
+    assert '"event": "connection.tls"' in log and '"client_cert": "CN=web01,O=Example"' in log
 
 
 def test_require_refuses_clients_without_tls(tmp_path: Path, pki: Path) -> None:
@@ -196,3 +201,57 @@ def test_allow_addresses_applies_to_tcp_clients(tmp_path: Path) -> None:
         assert '"local"' in listing.stdout and '"lan"' not in listing.stdout
     finally:
         assert server.stop() == 0
+
+
+def rfc2253_subject(pki: Path, name: str) -> str:
+    """openssl's own RFC 2253/4514 rendering of a certificate's subject, to compare with."""
+    result = subprocess.run(
+        ["openssl", "x509", "-in", f"{name}-cert.pem", "-noout", "-subject", "-nameopt",
+         "RFC2253"], capture_output=True, text=True, check=True, cwd=pki,
+    )  # fmt: skip
+    return result.stdout.strip().removeprefix("subject=")
+
+
+def log_records(server: RunningServer, event: str) -> list[dict[str, object]]:
+    lines = server.log().splitlines()
+    return [record for line in lines if (record := json.loads(line)).get("event") == event]
+
+
+def test_a_certificate_with_two_cns_is_refused(tmp_path: Path, pki: Path) -> None:
+    require("nbdinfo", "qemu-img")
+    server = tls_server(tmp_path, pki, "require")
+    twocn, web01 = client_dir(pki, "twocn"), client_dir(pki, "web01")
+    try:
+        for export in ("vm1", "shared"):  # refused outright, not only where CN is matched
+            assert nbdinfo(tls_uri(server, export, twocn)).returncode != 0
+        assert nbdinfo(tls_uri(server, "", twocn), "--list").returncode != 0
+        assert qemu_tls("qemu-img", server, "vm1", twocn, "info") != 0
+        assert server.sample("nbdguard_handshake_failures_total", reason="certificate") == 4
+        result = nbdinfo(tls_uri(server, "vm1", web01, "tcp"))  # the well-formed one is served
+        assert result.returncode == 0, result.stderr
+    finally:
+        assert server.stop() == 0
+    refused = [
+        r for r in log_records(server, "handshake.failed") if r["reason_code"] == "certificate"
+    ]
+    assert len(refused) == 4
+    assert (
+        refused[0]["client_cert"] == "CN=web01,CN=db02,O=Example" == rfc2253_subject(pki, "twocn")
+    )
+    assert "repeats CN" in str(refused[0]["reason"])
+    assert not any(r.get("client_cert") == "CN=web01,CN=db02,O=Example"
+                   for r in log_records(server, "connection.ready"))  # fmt: skip
+
+
+def test_the_logged_subject_is_the_whole_escaped_rfc4514_string(tmp_path: Path, pki: Path) -> None:
+    require("nbdinfo")
+    server = tls_server(tmp_path, pki, "require")
+    try:
+        result = nbdinfo(tls_uri(server, "shared", client_dir(pki, "quoted")))
+        assert result.returncode == 0, result.stderr
+    finally:
+        assert server.stop() == 0
+    expected = "CN=web01,OU=\\ R\\+D #1\\ ,O=Example\\, Inc.,C=US"
+    assert rfc2253_subject(pki, "quoted") == expected  # openssl renders it the same way
+    tls = log_records(server, "connection.tls")
+    assert [record["client_cert"] for record in tls] == [expected]

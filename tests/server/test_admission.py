@@ -172,4 +172,4 @@ def test_certificate_key_needs_a_verified_subject() -> None:
     identity.set_certificate(
         {"subject": ((("organizationName", "Example"),), (("commonName", "web01"),))}
     )
-    assert certificate_key(identity) == "cert O=Example,CN=web01"
+    assert certificate_key(identity) == "cert CN=web01,O=Example"  # RFC 4514
