@@ -459,6 +459,8 @@ class _Checker:
             self.data(host, word, times, where, active=active)
 
     def data(self, host: int, word: int, times: int, where: str, *, active: bool) -> None:
+        if active:
+            self.copied(word, host, "data cluster")
         if not self.inside(host, self.cluster_size, f"{where}: data cluster"):
             return
         cluster = host >> self.bits
@@ -469,8 +471,6 @@ class _Checker:
             self.report.add("overlap", f"{where}: data cluster {host:#x} is {role}", host)
         self.bump(cluster, times)
         self.report.data_bytes += self.cluster_size
-        if active:
-            self.copied(word, host, "data cluster")
 
     def compressed(self, word: int, times: int, where: str) -> None:
         extent = compressed_extent(word & DESCRIPTOR_MASK, self.bits)
@@ -495,6 +495,7 @@ class _Checker:
     def compare(self) -> None:
         expected, stored = self.expected, self.stored
         for start in range(0, self.clusters, COMPARE_CHUNK):
+            self.tick("compare", start, self.clusters)
             stop = min(self.clusters, start + COMPARE_CHUNK)
             if expected[start:stop] == stored[start:stop]:
                 continue
@@ -511,4 +512,3 @@ class _Checker:
                     f"cluster {cluster}{what} at {offset:#x}: refcount {have}, {want} references",
                     offset,
                 )
-            self.tick("compare", start, self.clusters)
