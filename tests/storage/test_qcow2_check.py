@@ -16,6 +16,7 @@ import pytest
 
 from nbdguard.config import CheckOnOpen, ExportConfig
 from nbdguard.errors import ChainRefused
+from nbdguard.inspection import inspect_chain
 from nbdguard.storage.chain import resolve_chain
 from nbdguard.storage.device import BlockDevice
 from nbdguard.storage.qcow2 import check
@@ -275,3 +276,21 @@ def test_too_many_clusters_is_refused_not_walked(
     monkeypatch.setattr(check, "MAX_CHECK_CLUSTERS", 8)
     report = our_check(image)
     assert report.counts == {"too_large": 1} and report.errors == 1
+
+
+def test_inspect_reports_the_findings(image: Path) -> None:
+    q = Qcow2File(image)
+    q.set_u64(q.l2_entry_at(1 << 20), q.l1_offset | COPIED)
+    report = inspect_chain(image, "qcow2")
+    assert report.refused is None
+    found = report.layers[0]["check"]
+    assert isinstance(found, dict)
+    assert found["counts"] == {"leak": 1, "overlap": 1, "refcount_low": 1}
+    assert (found["leaks"], found["corruptions"]) == qemu_check(image)
+    assert "check" not in report.layers[1]  # the raw backing file
+    text = report.as_text()
+    assert "check: 1 leak, 1 overlap, 1 refcount_low" in text
+    assert f"data cluster {q.l1_offset:#x} is l1" in text
+    assert json.loads(report.as_json())["layers"][0]["check"]["errors"] == 2
+    clean = inspect_chain(image.parent / "base.raw", "raw")
+    assert "check" not in clean.layers[0]
