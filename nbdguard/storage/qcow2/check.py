@@ -34,6 +34,7 @@ reload, check-config), never per request; `progress` is called about once a seco
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import sys
 import time
@@ -74,6 +75,7 @@ QEMU_CORRUPTIONS = frozenset(
 )
 MAX_CHECK_CLUSTERS = 1 << 25  # 32 Mi clusters: two u32 arrays of 128 MiB each at most
 KEPT_FINDINGS = 50  # of each severity; beyond, only counted
+STOP_AFTER_ERRORS = 1000  # refusing findings after which the walk stops: refused anyway
 PROGRESS_SECONDS = 1.0
 COMPARE_CHUNK = 1 << 16
 SATURATED = (1 << 32) - 1
@@ -112,12 +114,17 @@ class CheckReport:
     counts: dict[str, int] = field(default_factory=dict)
     errors_kept: list[Finding] = field(default_factory=list)  # the first refusing ones
     notes_kept: list[Finding] = field(default_factory=list)  # the first harmless ones
+    stopped: bool = False  # STOP_AFTER_ERRORS reached: the counts are a lower bound
 
     def add(self, kind: str, detail: str, host_offset: int | None = None) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        kept = self.errors_kept if kind in REFUSING else self.notes_kept
+        refusing = kind in REFUSING
+        kept = self.errors_kept if refusing else self.notes_kept
         if len(kept) < KEPT_FINDINGS:
             kept.append(Finding(kind, detail, host_offset))
+        if refusing and self.errors >= STOP_AFTER_ERRORS:
+            self.stopped = True
+            raise _Enough
 
     @property
     def leaks(self) -> int:
@@ -153,8 +160,13 @@ class CheckReport:
             "findings": [str(finding) for finding in self.errors_kept + self.notes_kept],
             "clusters": self.clusters,
             "data_bytes": self.data_bytes,
+            "stopped": self.stopped,
             "seconds": round(self.seconds, 3),
         }
+
+
+class _Enough(Exception):
+    """Enough errors to refuse the image: a hostile one cannot make the walk long."""
 
 
 def check_image(
@@ -163,7 +175,8 @@ def check_image(
     """Check a qcow2 layer (read-only: nothing is written). The report says what was found."""
     checker = _Checker(header, host, progress)
     started = time.monotonic()
-    checker.run()
+    with contextlib.suppress(_Enough):
+        checker.run()
     checker.report.seconds = time.monotonic() - started
     return checker.report
 
@@ -439,23 +452,46 @@ class _Checker:
             self.tick("l2_tables", number, len(self.l2_refs))
 
     def l2_table(self, offset: int, times: int, *, active: bool) -> None:
+        """Count one L2 table's references. The common entry (a standard, aligned data
+        cluster inside the file, outside metadata, COPIED as its refcount says) is counted
+        inline; anything else goes to `entry`, which says what is wrong."""
         table = load_table(self.host, offset, self.cluster_size)
-        words = self.words
+        words, bits, clusters = self.words, self.bits, self.clusters
+        expected, stored, roles = self.expected, self.stored, self.roles
+        unusual = COMPRESSED | L2_RESERVED | (self.cluster_size - 1 & OFFSET_MASK)
+        if self.data_file:
+            unusual = ~0  # nothing of the data file is counted: every entry only checked
+        plain = 0
         for slot in range(0, len(table), words):
             word = table[slot]
             if not word & ~COPIED:
                 continue  # unallocated, or (with a data file) its cluster 0: not counted
-            where = f"L2 table {offset:#x} entry {slot // words}"
-            if word & COMPRESSED:
-                if word & COPIED:
-                    self.report.add("invalid_entry", f"{where}: compressed and COPIED")
-                self.compressed(word, times, where)
+            cluster = (word & OFFSET_MASK) >> bits
+            if (
+                word & unusual
+                or not 0 < cluster < clusters
+                or cluster in roles
+                or (active and (word >> 63) != (stored[cluster] == 1))
+            ):
+                self.entry(word, times, f"L2 table {offset:#x} entry {slot // words}", active)
                 continue
-            host = word & OFFSET_MASK
-            if word & L2_RESERVED:
-                self.report.add("invalid_entry", f"{where} ({word:#x}) has reserved bits set", host)
-            if self.data_file or not host:
-                continue
+            try:
+                expected[cluster] += times
+            except OverflowError:
+                expected[cluster] = SATURATED
+            plain += 1
+        self.report.data_bytes += plain << bits
+
+    def entry(self, word: int, times: int, where: str, active: bool) -> None:
+        if word & COMPRESSED:
+            if word & COPIED:
+                self.report.add("invalid_entry", f"{where}: compressed and COPIED")
+            self.compressed(word, times, where)
+            return
+        host = word & OFFSET_MASK
+        if word & L2_RESERVED:
+            self.report.add("invalid_entry", f"{where} ({word:#x}) has reserved bits set", host)
+        if not self.data_file and host:
             self.data(host, word, times, where, active=active)
 
     def data(self, host: int, word: int, times: int, where: str, *, active: bool) -> None:
