@@ -307,3 +307,22 @@ def test_a_hostile_image_stops_the_walk_once_it_is_refused(
     report = our_check(image)
     assert report.stopped and report.errors == 3, report.as_dict()
     assert "leak" not in report.counts  # the comparison never ran
+
+
+def test_version_2_and_data_file_images_are_clean(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4k", str(v2),
+         "8M")  # fmt: skip
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", str(v2))
+    qemu("qemu-img", "snapshot", "-c", "s1", str(v2))
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 2 0 4k", str(v2))
+    data = tmp_path / "d.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=d.raw,cluster_size=4k",
+         str(data), "8M")  # fmt: skip
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", "-c", "write -P 2 4M 4k", str(data))
+    for path in (v2, data):
+        report = our_check(path)
+        assert report.clean, (path, report.as_dict())
+        assert_agrees_with_qemu(path, report)
+        # per table reference: the snapshot's 16 clusters and the active table's 16
+        assert report.data_bytes == (0 if path == data else 2 * 64 << 10)
