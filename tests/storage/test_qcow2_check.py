@@ -318,8 +318,9 @@ def test_version_2_and_data_file_images_are_clean(tmp_path: Path) -> None:
     qemu("qemu-io", "-f", "qcow2", "-c", "write -P 2 0 4k", str(v2))
     data = tmp_path / "d.qcow2"
     qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=d.raw,cluster_size=4k",
-         str(data), "8M")  # fmt: skip
-    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", "-c", "write -P 2 4M 4k", str(data))
+         "d.qcow2", "8M", cwd=tmp_path)  # fmt: skip
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", "-c", "write -P 2 4M 4k", "d.qcow2",
+         cwd=tmp_path)  # fmt: skip
     for path in (v2, data):
         report = our_check(path)
         assert report.clean, (path, report.as_dict())
