@@ -40,6 +40,7 @@ def qemu_check(path: Path) -> tuple[int, int]:
         ["qemu-img", "check", "-f", "qcow2", "--output=json", str(path)],
         capture_output=True,
         text=True,
+        cwd=path.parent,  # where qemu-img looks for a relative data file name
     )
     assert result.returncode in (0, 2, 3), result.stderr
     report = json.loads(result.stdout)
