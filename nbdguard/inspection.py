@@ -12,6 +12,8 @@ from nbdguard.config import DEFAULT_MAX_CHAIN_DEPTH, ExportConfig, Format
 from nbdguard.errors import ChainRefused
 from nbdguard.guard.sector0 import SECTOR, GuardPolicy
 from nbdguard.storage.chain import ChainLayer, ChainResolver
+from nbdguard.storage.qcow2.check import check_image
+from nbdguard.storage.qcow2.hostfile import HostFile
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +50,9 @@ class ChainReport:
         for layer in self.layers:
             lines.append(f"layer {layer['layer']}: {layer['path']}")
             for key, value in layer.items():
-                if key not in ("layer", "path") and value is not None:
+                if key == "check" and isinstance(value, dict):
+                    lines += _check_lines(value)
+                elif key not in ("layer", "path") and value is not None:
                     lines.append(f"  {key.replace('_', ' ')}: {value}")
         if self.refused is not None:
             lines.append(f"REFUSED: {self.refused}")
@@ -76,7 +80,8 @@ def inspect_chain(
     allow_dirs: tuple[Path, ...] = (),
     max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
 ) -> ChainReport:
-    """Resolve read-only and without taking locks, so an image in use can be inspected."""
+    """Resolve read-only and without taking locks, so an image in use can be inspected.
+    Each qcow2 layer gets the full reference check (check_on_open = "full"'s findings)."""
     config = ExportConfig(
         name=path.name,
         path=path,
@@ -88,15 +93,20 @@ def inspect_chain(
     resolver = ChainResolver(config, lock=False)
     refused = None
     existing = None
+    described: list[dict[str, object]] = []
     try:
-        resolver.run()
-        existing = _raw_existing_header(resolver.chain.layers[0])
-    except ChainRefused as err:
-        refused = err
+        try:
+            resolver.run()
+            existing = _raw_existing_header(resolver.chain.layers[0])
+        except ChainRefused as err:
+            refused = err
+        for layer in resolver.chain.layers:
+            described.append(_describe(layer))
+            if layer.header is not None:
+                described[-1]["check"] = check_image(layer.header, HostFile(layer.file)).as_dict()
     finally:
         resolver.chain.close()
-    layers = tuple(_describe(layer) for layer in resolver.chain.layers)
-    return ChainReport(layers, refused, existing)
+    return ChainReport(tuple(described), refused, existing)
 
 
 def _raw_existing_header(top: ChainLayer) -> str | None:
@@ -104,6 +114,20 @@ def _raw_existing_header(top: ChainLayer) -> str | None:
     if top.format != "raw":
         return None
     return GuardPolicy("qemu").detect(os.pread(top.file.fd, SECTOR, 0))
+
+
+def _check_lines(check: dict[str, object]) -> list[str]:
+    counts = check.get("counts")
+    if not counts:
+        return ["  check: no findings"]
+    assert isinstance(counts, dict)
+    shown = ", ".join(f"{count} {kind}" for kind, count in counts.items())
+    lines = [f"  check: {shown} (qemu-img check: {check['leaks']} leaks, "
+             f"{check['corruptions']} corruptions)"]  # fmt: skip
+    findings = check.get("findings")
+    assert isinstance(findings, list)
+    lines += [f"    {finding}" for finding in findings]
+    return lines
 
 
 def _describe(layer: ChainLayer) -> dict[str, object]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nbdguard.config import DEFAULT_METADATA_CACHE, ExportConfig
+from nbdguard.config import DEFAULT_METADATA_CACHE, CheckOnOpen, ExportConfig
 from nbdguard.errors import ChainRefused, ExportOpenError, Qcow2Corrupt
 from nbdguard.guard.datafile import DataFileGuard, GuardedDataFile
 from nbdguard.guard.sector0 import GuardPolicy, Sector0Guard
@@ -12,6 +12,7 @@ from nbdguard.observability.reporter import ExportReporter
 from nbdguard.storage.chain import Chain, ChainLayer, resolve_chain
 from nbdguard.storage.device import BlockDevice
 from nbdguard.storage.locks import SectorLock
+from nbdguard.storage.qcow2.check import check_image
 from nbdguard.storage.qcow2.hostfile import HostFile
 from nbdguard.storage.qcow2.image import Qcow2Image
 from nbdguard.storage.raw import RawImage
@@ -28,7 +29,13 @@ def build_device(config: ExportConfig, reporter: ExportReporter | None = None) -
     )
     chain = resolve_chain(config)
     try:
-        device = chain_device(chain, reporter, policy, metadata_cache=config.metadata_cache)
+        device = chain_device(
+            chain,
+            reporter,
+            policy,
+            metadata_cache=config.metadata_cache,
+            check_on_open=config.check_on_open,
+        )
     except BaseException:
         chain.close()
         raise
@@ -44,10 +51,12 @@ def chain_device(
     policy: GuardPolicy | None = None,
     *,
     metadata_cache: int = DEFAULT_METADATA_CACHE,
+    check_on_open: CheckOnOpen = "light",
 ) -> BlockDevice:
     """Format drivers stacked bottom-up over the chain's open files. With a `policy`, the
     top layer's external data file is written through the sector-zero backstop. The
-    export's `metadata_cache` is shared evenly by its qcow2 layers."""
+    export's `metadata_cache` is shared evenly by its qcow2 layers; with
+    check_on_open = "full", every qcow2 layer is checked whole first (`full_check`)."""
     reporter = reporter or ExportReporter(chain.export)
     share = metadata_cache // max(1, sum(layer.format == "qcow2" for layer in chain.layers))
     device: BlockDevice | None = None
@@ -55,10 +64,41 @@ def chain_device(
         if layer.format == "raw":
             device = RawImage(layer.file)
         else:
+            if check_on_open == "full":
+                full_check(chain, layer, reporter)
             guard = policy if layer.index == 0 else None
             device = _qcow2(chain, layer, device, reporter, guard, metadata_cache=share)
     assert device is not None
     return device
+
+
+def full_check(chain: Chain, layer: ChainLayer, reporter: ExportReporter) -> None:
+    """qemu-img check's reference walk over one qcow2 layer before it is served: leaks are
+    logged, anything else refuses the layer (reason=corrupt) naming the first findings."""
+    assert layer.header is not None
+
+    def progress(state: dict[str, object]) -> None:
+        reporter.log.info("qcow2.check_progress", layer=layer.index, **state)
+
+    report = check_image(layer.header, HostFile(layer.file), progress=progress)
+    reporter.log.info(
+        "qcow2.check_done",
+        layer=layer.index,
+        path=str(layer.file.path),
+        seconds=round(report.seconds, 3),
+        leaks=report.leaks,
+        corruptions=report.corruptions,
+        errors=report.errors,
+        findings=[str(finding) for finding in (report.errors_kept + report.notes_kept)[:10]],
+    )
+    if report.errors:
+        raise ChainRefused(
+            chain.export,
+            layer.index,
+            str(layer.file.path),
+            "corrupt",
+            f'check_on_open = "full" found {report.summary()}',
+        )
 
 
 def _qcow2(

@@ -155,9 +155,16 @@ def parse_header(data: bytes, file_size: int) -> Qcow2Header:
         data_file_name=None,
     )
     _check_tables(header, file_size)
+    return _with_extensions(header, header_extensions(data, header))
+
+
+def header_extensions(data: bytes, header: Qcow2Header) -> dict[int, bytes]:
+    """The header extensions (type -> payload) of the first cluster `data` of an image whose
+    header is `header`; for readers of those the header does not keep (bitmaps)."""
+    backing_offset = _V2.unpack_from(data)[2]
+    cluster_size = header.cluster_size
     area_end = backing_offset if backing_offset else cluster_size
-    extensions = _extensions(data, header_length, min(area_end, cluster_size, len(data)))
-    return _with_extensions(header, extensions)
+    return _extensions(data, header.header_length, min(area_end, cluster_size, len(data)))
 
 
 def _check_v3(

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from nbdguard.storage.qcow2.header import MAX_HOST_OFFSET, MAX_L1_BYTES, Qcow2Header
 
@@ -144,20 +145,46 @@ def _mark_l2(
             meta.findings.append(f"{what} entry {index}: L2 table {offset:#x} is {old.label}")
 
 
-def _mark_snapshots(meta: MetadataMap, header: Qcow2Header, read: Reader, file_size: int) -> None:
-    """The snapshot table, each snapshot's L1 table and the L2 tables it names."""
-    size = header.cluster_size
+@dataclass(frozen=True, slots=True)
+class SnapshotEntry:
+    """One entry of the snapshot table, as far as the metadata map and the check need it."""
+
+    number: int
+    position: int  # host offset of the entry
+    length: int  # bytes, before padding to 8
+    l1_offset: int
+    l1_size: int
+
+    @property
+    def end(self) -> int:
+        """Where the next entry starts."""
+        return self.position + ((self.length + 7) & ~7)
+
+
+def snapshot_entries(header: Qcow2Header, read: Reader) -> Iterator[SnapshotEntry]:
+    """The snapshot table's entries in order; stops early (fewer than nb_snapshots) once the
+    table would pass MAX_SNAPSHOT_TABLE_BYTES."""
     position = header.snapshots_offset
-    seen: set[tuple[int, int]] = set()
     for number in range(header.nb_snapshots):
         if position - header.snapshots_offset > MAX_SNAPSHOT_TABLE_BYTES:
-            meta.findings.append("snapshot table larger than 64 MiB")
-            break
+            return
         fixed = read(position, _SNAPSHOT_FIXED.size)
         (l1_offset, l1_size, id_size, name_size, _, _, _, _, extra) = _SNAPSHOT_FIXED.unpack(fixed)
         length = _SNAPSHOT_FIXED.size + extra + id_size + name_size
-        meta.add_range(position, length, Kind.SNAPSHOT_TABLE)
-        position += (length + 7) & ~7
+        entry = SnapshotEntry(number, position, length, l1_offset, l1_size)
+        yield entry
+        position = entry.end
+
+
+def _mark_snapshots(meta: MetadataMap, header: Qcow2Header, read: Reader, file_size: int) -> None:
+    """The snapshot table, each snapshot's L1 table and the L2 tables it names."""
+    size = header.cluster_size
+    seen: set[tuple[int, int]] = set()
+    count = 0
+    for snapshot in snapshot_entries(header, read):
+        count += 1
+        number, l1_offset, l1_size = snapshot.number, snapshot.l1_offset, snapshot.l1_size
+        meta.add_range(snapshot.position, snapshot.length, Kind.SNAPSHOT_TABLE)
         if (l1_offset, l1_size) in seen:
             continue
         seen.add((l1_offset, l1_size))
@@ -171,3 +198,5 @@ def _mark_snapshots(meta: MetadataMap, header: Qcow2Header, read: Reader, file_s
         table = struct.unpack(f">{l1_size}Q", read(l1_offset, l1_size * 8))
         what = f"snapshot {number} L1"
         _mark_l2(meta, table, Kind.SNAPSHOT_L2, size=size, file_size=file_size, what=what)
+    if count < header.nb_snapshots:
+        meta.findings.append("snapshot table larger than 64 MiB")
