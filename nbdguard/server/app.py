@@ -61,6 +61,8 @@ class Server:
         self.metrics = Metrics()
         self._endpoint: OperatorEndpoint | None = None
         self._stopping = False
+        self._reloading: asyncio.Future[None] | None = None
+        self._reload_again = False
 
     async def start(self) -> None:
         """Open every export, then every listener; any failure undoes what was done.
@@ -235,27 +237,61 @@ class Server:
     # -- reload ----------------------------------------------------------------------
 
     def _on_hangup(self) -> None:
-        notify.reloading()
-        try:
-            self.reload()
-        finally:  # systemd shows "reloading" until READY=1 comes back
-            notify.ready(f"serving {len(self.registry.exports)} export(s)")
+        """SIGHUP: reload in a task (exports open in a worker thread: a `check_on_open =
+        "full"` image can take seconds, and the loop serves everyone meanwhile). A SIGHUP
+        during a reload runs one more reload after it."""
+        if self._reloading is not None and not self._reloading.done():
+            self._reload_again = True
+            return
+        self._reload_again = False
+        self._reloading = asyncio.ensure_future(self._reload_until_current())
+
+    async def _reload_until_current(self) -> None:
+        while True:
+            notify.reloading()
+            try:
+                await self.reload_off_loop()
+            except Exception as err:  # a bug here must not end the server
+                self.log.error("config.reload_failed", error=repr(err))
+            finally:  # systemd shows "reloading" until READY=1 comes back
+                notify.ready(f"serving {len(self.registry.exports)} export(s)")
+            if not self._reload_again or self._stopping:
+                return
+            self._reload_again = False
 
     def reload(self) -> None:
+        """Reload with exports opened on the calling thread (see reload_off_loop)."""
+        fresh = self._read_config()
+        if fresh is not None:
+            self._apply_exports(fresh.exports, self._open_new(fresh.exports))
+
+    async def reload_off_loop(self) -> None:
         """SIGHUP: re-read the config file. New exports open, removed ones stop taking
         connections (and close when their last one ends), unchanged ones are untouched, and
         an export that was refused is tried again. Access keys and read_only of an open export
         apply to its new connections at once; other changes wait for it to be reopened. An
         invalid file changes nothing."""
+        fresh = self._read_config()
+        if fresh is None:
+            return
+        opened = await asyncio.to_thread(self._open_new, fresh.exports)
+        if self._stopping:  # shut down meanwhile: what was opened is not served
+            for export in opened.values():
+                if export is not None:
+                    export.close()
+            return
+        self._apply_exports(fresh.exports, opened)
+
+    def _read_config(self) -> Config | None:
         source = self.config.source
         if source is None:
             self.log.warning("config.reload_skipped", reason="serving without a config file")
-            return
+            return None
         try:
             fresh = load_config(source)
         except ConfigError as err:
             self.log.error("config.reload_failed", path=str(source), problems=list(err.problems))
-            return
+            return None
         ours = replace(
             self.config.server,
             listen=fresh.server.listen,  # command-line overrides are not changes
@@ -265,9 +301,20 @@ class Server:
             self.log.warning(
                 "config.server_changed", message="[server] changes take effect at restart"
             )
-        self._apply_exports(fresh.exports)
+        return fresh
 
-    def _apply_exports(self, wanted: tuple[ExportConfig, ...]) -> None:
+    def _open_new(self, wanted: tuple[ExportConfig, ...]) -> dict[str, Export | None]:
+        """Open the wanted exports that are not served (new, or refused before): None for
+        one that is refused again (reported by _open_export)."""
+        return {
+            config.name: self._open_export(config)
+            for config in wanted
+            if self.registry.get(config.name) is None
+        }
+
+    def _apply_exports(
+        self, wanted: tuple[ExportConfig, ...], opened: dict[str, Export | None]
+    ) -> None:
         current = {export.name: export for export in self.config.exports}
         names = {export.name for export in wanted}
         kept: list[ExportConfig] = []
@@ -291,10 +338,13 @@ class Server:
             if self.registry.get(export_config.name) is not None:
                 report["kept"].append(export_config.name)
                 continue
-            export = self._open_export(export_config)
+            export = opened.pop(export_config.name, None)
             if export is not None:
                 self.registry.add(export)
                 report["added"].append(export_config.name)
+        for unused in opened.values():  # opened, but served meanwhile under its old definition
+            if unused is not None:
+                unused.close()
         self.config = replace(self.config, exports=tuple(kept))
         if report["changed"]:
             self.log.warning(
