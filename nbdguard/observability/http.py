@@ -395,7 +395,7 @@ class OperatorEndpoint:
         if request.path == "/healthz":
             healthy, reason = self.health()
             return text_response(200 if healthy else 503, reason + "\n")
-        if request.path in ("/metrics", "/"):
+        if request.path == "/metrics":
             return await self.expositions.get(request)
         return text_response(404, "try /metrics or /healthz\n")
 

@@ -312,6 +312,7 @@ def test_concurrent_scrapes_share_one_exposition() -> None:
         assert f"slow_value {float(slow.calls)}".encode() in body
         assert get(endpoint.port, "/healthz") == (200, b"ok\n")
         assert get(endpoint.port, "/nothing")[0] == 404
+        assert get(endpoint.port, "/")[0] == 404  # /metrics and /healthz only
     finally:
         endpoint.close()
 
