@@ -57,6 +57,7 @@ HANDSHAKE_FAILURE_REASONS = (
     "export_busy",
     "tls_required",
     "tls",
+    "certificate",  # a client certificate with a repeated subject attribute
     "timeout",
     "disconnected",
 )
