@@ -266,16 +266,10 @@ def test_fast_zero_is_refused_where_it_would_write(images: Path) -> None:
     check_and_compare(images / "v3.qcow2", bytes(1 << 20))
 
 
-def test_flushes_in_another_thread_while_writing(images: Path) -> None:
-    """The dispatcher runs FLUSH in a worker thread while requests go on: the image must
-    stay consistent whatever the interleaving."""
+def workload_while_flushing(device: BlockDevice, model: bytearray, *, seed: int, ops: int) -> int:
+    """apply_workload while another thread flushes in a loop; returns how many flushes ran."""
     import threading
 
-    sh(f"cd {images} && qemu-img create -q -f qcow2 -o cluster_size=512 "
-       "-b base.raw -F raw top.qcow2 12M")  # fmt: skip
-    top = images / "top.qcow2"
-    model = bytearray(qemu_raw(top))
-    device = open_qcow2(top)
     stop = threading.Event()
     flushes = 0
 
@@ -288,10 +282,24 @@ def test_flushes_in_another_thread_while_writing(images: Path) -> None:
     thread = threading.Thread(target=flusher)
     thread.start()
     try:
-        apply_workload(device, model, seed=11, ops=500)
+        apply_workload(device, model, seed=seed, ops=ops)
     finally:
         stop.set()
         thread.join()
+    return flushes
+
+
+def test_flushes_in_another_thread_while_writing(images: Path) -> None:
+    """The dispatcher runs FLUSH in a worker thread while requests go on: the image must
+    stay consistent whatever the interleaving."""
+    sh(f"cd {images} && qemu-img create -q -f qcow2 -o cluster_size=512 "
+       "-b base.raw -F raw top.qcow2 12M")  # fmt: skip
+    top = images / "top.qcow2"
+    model = bytearray(qemu_raw(top))
+    device = open_qcow2(top)
+    try:
+        flushes = workload_while_flushing(device, model, seed=11, ops=500)
+    finally:
         device.close()
     assert flushes > 5
     check_and_compare(top, bytes(model))

@@ -6,16 +6,12 @@ how early blocks are written."""
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import shutil
 import statistics
-import subprocess
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -26,7 +22,12 @@ from nbdguard.storage.qcow2.image import Qcow2Image
 from nbdguard.storage.qcow2.metadata import Kind, MetadataMap
 from nbdguard.storage.qcow2.refcounts import FreeRanges, Refcounts, used_flags
 from nbdguard.storage.stack import build_device
-from tests.storage.test_qcow2_image import apply_workload, check_and_compare
+from tests.storage.test_qcow2_hostile import check, qemu
+from tests.storage.test_qcow2_image import (
+    apply_workload,
+    check_and_compare,
+    workload_while_flushing,
+)
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img missing")
 
@@ -76,18 +77,6 @@ def test_free_ranges_merge_split_and_fit() -> None:
 
 
 # Images
-
-
-def qemu(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
-
-
-def check(path: Path) -> dict[str, Any]:
-    out = subprocess.run(
-        ["qemu-img", "check", "--output=json", "-f", "qcow2", str(path)], capture_output=True
-    )
-    result: dict[str, Any] = json.loads(out.stdout)
-    return result
 
 
 def make_image(tmp_path: Path, *, cluster: int, refcount_bits: int = 16) -> Path:
@@ -270,22 +259,9 @@ def test_flushes_in_another_thread_with_a_tiny_cache(tmp_path: Path) -> None:
     device = open_image(path)
     refcounts = tiny_cache(device)
     model = bytearray(12 * MiB)
-    stop = threading.Event()
-    flushes = 0
-
-    def flusher() -> None:
-        nonlocal flushes
-        while not stop.is_set():
-            device.flush()
-            flushes += 1
-
-    thread = threading.Thread(target=flusher)
-    thread.start()
     try:
-        apply_workload(device, model, seed=5, ops=400)
+        flushes = workload_while_flushing(device, model, seed=5, ops=400)
     finally:
-        stop.set()
-        thread.join()
         device.close()
     assert flushes > 5 and refcounts.written_back > 0
     check_and_compare(path, bytes(model))
