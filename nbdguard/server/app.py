@@ -46,7 +46,9 @@ class Server:
         self.tls_context = server_context(config.server.tls)
         self.connection_settings = ConnectionSettings.from_config(config.server)
         self.budget = MemoryBudget(
-            config.server.memory_budget, config.server.max_buffered_bytes_per_connection
+            config.server.memory_budget,
+            config.server.max_buffered_bytes_per_connection,
+            config.server.max_connections,
         )
         self.max_connections = config.server.max_connections
         self.connections: set[Connection] = set()

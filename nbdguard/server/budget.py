@@ -8,8 +8,11 @@ its fair share while all of them together are past the server's budget, stops be
 until what it holds drains: back-pressure, never an error. Reading stops, so the client's
 own socket buffer fills and it stops sending; nothing is dropped.
 
-Fairness: the fair share is the budget divided among the connections that hold anything,
-so a connection holding little is never throttled because another holds much. A WRITE
+Fairness: a connection may hold what the others leave of the server's budget, and at least
+a floor (the budget divided by max_connections), so a connection holding little is never
+throttled because another holds much, and all of them together stay within the budget plus
+one floor each. Each connection checks its allowance once per batch of requests and stops
+the batch when it reaches it (so the bound is exceeded by at most one reply each). A WRITE
 that must be gathered whole (it touches sector 0 under the guard) cannot finish unless its
 connection keeps reading; it is exempt while it is the only such write over the budget, so
 one is always able to complete (the bound is then budget + one max payload).
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from time import perf_counter
+
+FLOOR_MIN = 64 * 1024  # the least a connection may always hold: a request's worth
 
 
 class Holder:
@@ -36,11 +41,11 @@ class MemoryBudget:
     """The server-wide budget (`memory_budget`) and each connection's limit
     (`max_buffered_bytes_per_connection`)."""
 
-    def __init__(self, total: int, per_connection: int) -> None:
+    def __init__(self, total: int, per_connection: int, max_connections: int = 100) -> None:
         self.total = total
         self.per_connection = per_connection
+        self.floor = min(per_connection, max(total // max(max_connections, 1), FLOOR_MIN))
         self.used = 0
-        self._holding = 0  # holders with held > 0
         self._throttled: set[Holder] = set()
         self._gathering: Holder | None = None  # the one holder exempt while gathering a write
 
@@ -63,10 +68,6 @@ class MemoryBudget:
             return
         holder.held = held
         self.used += held - before
-        if before == 0:
-            self._holding += 1
-        elif held == 0:
-            self._holding -= 1
         if held < before and self._throttled:
             self._wake(everyone=self.used <= self.total)
 
@@ -77,7 +78,7 @@ class MemoryBudget:
         if self._gathering is holder and not gathering:
             self._gathering = None  # the exemption is free: another gathering write may go
             self._wake(everyone=True)
-        if self._within(holder.held):
+        if self._within(holder):
             return False
         if gathering and self._gathering in (None, holder):
             self._gathering = holder
@@ -96,16 +97,17 @@ class MemoryBudget:
         self._throttled.discard(holder)
         return perf_counter() - since
 
-    def fair_share(self) -> int:
-        return self.total // max(self._holding, 1)
+    def allowance(self, holder: Holder) -> int:
+        """The bytes `holder` may hold now: what the others leave of the budget, at least
+        the floor, at most the per-connection limit."""
+        room = self.total - (self.used - holder.held)
+        return min(self.per_connection, max(room, self.floor))
 
-    def _within(self, held: int) -> bool:
-        return held <= self.per_connection and (
-            self.used <= self.total or held <= self.fair_share()
-        )
+    def _within(self, holder: Holder) -> bool:
+        return holder.held <= self.allowance(holder)
 
     def _wake(self, *, everyone: bool) -> None:
         """Let throttled holders ask again: all of them, or those now within bounds."""
         for holder in list(self._throttled):
-            if everyone or self._within(holder.held):
+            if everyone or self._within(holder):
                 holder.resume()

@@ -98,7 +98,6 @@ class Connection(asyncio.BufferedProtocol):
         self._over_budget = False  # holds too many bytes: read more once they drain
         self._budget = server.budget
         self._account = self._budget.open(self._budget_freed)
-        self._limit = self._budget.per_connection  # checked per request; the rest per batch
         self._backlog: deque[Event] = deque()
         self._closer: asyncio.Future[None] | None = None
         self.closed = asyncio.get_running_loop().create_future()
@@ -424,7 +423,7 @@ class Connection(asyncio.BufferedProtocol):
         backlog = self._backlog
         backlog.extend(events)
         deadline = perf_counter() + TURN_BUDGET
-        limit = self._limit
+        limit = self._budget.allowance(self._account)  # per request; the budget per batch
         full = False
         token = connection_context.set(self._context)
         writer.cork()

@@ -23,10 +23,14 @@ import os
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
+from time import perf_counter
 from typing import cast
 
 from nbdguard.storage.device import Buffer, FileRange
 from nbdguard.storage.fileops import read_exactly
+
+FLUSH_BUDGET = 0.004  # seconds of loop time one flush may spend making reply bytes
+RANGE_PART = 1 << 20  # a range read for TLS is read this much at a time
 
 
 class Deferred:
@@ -54,6 +58,7 @@ class ReplyWriter:
         self._queued = 0  # bytes of the buffers in the queue
         self._corked = False
         self.blocked = False  # the transport holds unsent bytes
+        self._later: asyncio.Handle | None = None  # a flush continued on the next loop turn
         self._socket = _socket_for_sendfile(transport)
         if self._socket is not None:
             transport.set_write_buffer_limits(high=0, low=0)
@@ -89,15 +94,25 @@ class ReplyWriter:
         self._flush()
 
     def close(self) -> None:
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         self._queue.clear()
         self._queued = self._ranges = 0
         if self._socket is not None:
             self._socket.close()  # our duplicate of the descriptor, not the connection
 
     def _flush(self) -> None:
+        """Send what the transport can take. Making bytes (a deferred reply, a range read
+        for TLS) stops after FLUSH_BUDGET of loop time and goes on at the next loop turn: a
+        client that reads as fast as replies are made must not hold the loop."""
         queue = self._queue
         transport = self._transport
+        deadline = perf_counter() + FLUSH_BUDGET
         while queue and not self.blocked and not transport.is_closing():
+            if self._ranges and perf_counter() >= deadline:
+                self._continue_later()
+                return
             if not self._ranges:
                 pieces = cast(list[Buffer], list(queue))  # no ranges among them
                 queue.clear()
@@ -117,7 +132,7 @@ class ReplyWriter:
                     self._push_front(piece.produce())
                 elif self._socket is None:  # TLS: the transport needs the bytes
                     assert isinstance(piece, FileRange)
-                    head.append(_read_range(piece))
+                    head.append(self._read_part(piece))
                     transport.writelines(head)
                 else:
                     assert isinstance(piece, FileRange)
@@ -127,6 +142,34 @@ class ReplyWriter:
                 self._ranges = self._queued = 0
                 self._on_failure(err)
                 return
+
+    def _continue_later(self) -> None:
+        if self._later is None:
+            self._later = asyncio.get_running_loop().call_soon(self._continue)
+
+    def _continue(self) -> None:
+        self._later = None
+        if not self._corked:
+            self._flush()
+
+    def _read_part(self, piece: FileRange) -> Buffer:
+        """At most RANGE_PART bytes of a range, read now; the rest goes back to the front of
+        the queue (TLS sends what it is given whole: a 32 MiB range would be 32 MiB of
+        plaintext and as much ciphertext held at once)."""
+        fresh = _changed(piece)
+        if fresh is not None:
+            return fresh  # the device's bytes as they are now, already in memory
+        if piece.length <= RANGE_PART:
+            return read_exactly(piece.fd, piece.offset, piece.length)
+        data = read_exactly(piece.fd, piece.offset, RANGE_PART)
+        rest = FileRange(
+            piece.fd,
+            piece.offset + RANGE_PART,
+            piece.length - RANGE_PART,
+            _tail(piece.recheck, RANGE_PART) if piece.recheck is not None else None,
+        )
+        self._push_front([rest])
+        return data
 
     def _push_front(self, pieces: list[Piece]) -> None:
         for piece in reversed(pieces):
@@ -174,10 +217,14 @@ def _changed(piece: FileRange) -> Buffer | None:
     return piece.recheck() if piece.recheck is not None else None
 
 
-def _read_range(piece: FileRange) -> Buffer:
-    """A range's bytes, read now."""
-    fresh = _changed(piece)
-    return fresh if fresh is not None else read_exactly(piece.fd, piece.offset, piece.length)
+def _tail(recheck: Callable[[], Buffer | None], skip: int) -> Callable[[], Buffer | None]:
+    """The recheck of a range's rest, `skip` bytes in: the whole range's, cut."""
+
+    def rest() -> Buffer | None:
+        fresh = recheck()
+        return memoryview(fresh)[skip:] if fresh is not None else None
+
+    return rest
 
 
 def _skip(buffers: list[Buffer], count: int) -> list[Buffer]:

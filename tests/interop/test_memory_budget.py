@@ -221,14 +221,6 @@ def test_structured_reads_of_a_fragmented_qcow2(server: RunningServer, images: P
     attack.check(BUDGET + OVERHEAD)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="memory_budget does not bound connections together: each one serves requests "
-    "until it holds max_buffered_bytes_per_connection and meets the server-wide budget "
-    "only after that batch, so 20 connections grow RSS by ~20 x 15 MiB (283-305 MiB "
-    "measured; 5: 103 MiB, 10: 209 MiB) against memory_budget = 64 MiB",
-)
 def test_small_raw_reads_from_20_connections(server: RunningServer, images: Path) -> None:
     """20 connections x 512 x 65535 bytes (640 MiB; past 6 GiB in 6 s before): each
     connection alone stays within its 16 MiB, so only memory_budget bounds them together."""
@@ -240,14 +232,6 @@ def test_small_raw_reads_from_20_connections(server: RunningServer, images: Path
     attack.check(TOTAL + OVERHEAD)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="under TLS a raw range is read whole (32 MiB) and encrypted whole when its turn "
-    "comes, not in pieces within the budget: ~105 MiB of RSS per connection with "
-    "max_buffered_bytes_per_connection = 16 MiB, so 3 TLS connections grow 248 MiB "
-    "against memory_budget = 64 MiB",
-)
 def test_raw_reads_under_tls_from_3_connections(server: RunningServer, images: Path) -> None:
     """The TLS attack from three connections at once: memory_budget bounds them together."""
     image, ca = str(images / "r.raw"), str(images / "ca-cert.pem")
@@ -258,14 +242,6 @@ def test_raw_reads_under_tls_from_3_connections(server: RunningServer, images: P
     attack.check(TOTAL + OVERHEAD)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="ReplyWriter._flush makes deferred replies back to back for as long as the "
-    "transport takes them, with no turn budget: a client that reads inflated qcow2 "
-    "replies as fast as they come holds the event loop for the whole drain (one flush "
-    "call measured 0.3-2.4 s; another client's 4 KiB read waited 1-5 s)",
-)
 def test_draining_inflated_replies_leaves_the_loop_to_others(server: RunningServer) -> None:
     """32 x 32 MiB of compressed clusters, then read as fast as they come: another client
     is still served meanwhile (the drain is part of the attack: reading costs the client

@@ -33,25 +33,40 @@ def test_a_connection_past_its_own_limit_is_throttled_until_it_drains() -> None:
     assert budget.unthrottled(client.holder) == 0  # reported once
 
 
-def test_past_the_total_only_connections_above_their_fair_share_wait() -> None:
-    budget = MemoryBudget(total=10 * MiB, per_connection=8 * MiB)
+def test_a_connection_may_hold_what_the_others_leave_and_at_least_the_floor() -> None:
+    budget = MemoryBudget(total=10 * MiB, per_connection=8 * MiB, max_connections=4)
+    assert budget.floor == 10 * MiB // 4
     big, small = Client(budget), Client(budget)
+    budget.update(big.holder, 7 * MiB)
+    assert budget.allowance(small.holder) == 3 * MiB  # what big leaves
+    assert budget.allowance(big.holder) == 8 * MiB  # its own limit: nobody else holds
     budget.update(big.holder, 8 * MiB)
-    budget.update(small.holder, 3 * MiB)  # 11 MiB in all: past the total
-    assert budget.used == 11 * MiB and budget.fair_share() == 5 * MiB
-    assert budget.over(big.holder)
-    assert not budget.over(small.holder)  # holds less than its share: never starved
-    budget.update(big.holder, 6 * MiB)  # 9 MiB in all: within the total again
+    assert budget.allowance(small.holder) == budget.floor  # more than big leaves: the floor
+    budget.update(small.holder, budget.floor)  # 10.5 MiB in all
+    assert not budget.over(small.holder)
+    assert budget.over(big.holder)  # past what small leaves it: big waits
+    budget.update(big.holder, 6 * MiB)  # within the total again
     assert big.woken == 1 and not budget.over(big.holder)
 
 
+def test_all_connections_together_stay_within_the_budget_plus_a_floor_each() -> None:
+    """Twenty connections each filling what they are allowed, in turn (as their batches run
+    on the loop): together they hold at most the budget plus one floor each."""
+    budget = MemoryBudget(total=64 * MiB, per_connection=16 * MiB, max_connections=200)
+    clients = [Client(budget) for _ in range(20)]
+    for _ in range(3):
+        for client in clients:
+            budget.update(client.holder, budget.allowance(client.holder))
+    assert budget.used <= 64 * MiB + 20 * budget.floor
+
+
 def test_only_holders_within_bounds_are_woken_while_still_past_the_total() -> None:
-    budget = MemoryBudget(total=10 * MiB, per_connection=10 * MiB)
+    budget = MemoryBudget(total=10 * MiB, per_connection=10 * MiB, max_connections=10)
     first, second, third = Client(budget), Client(budget), Client(budget)
     for client in (first, second, third):
         budget.update(client.holder, 5 * MiB)
-    assert budget.over(first.holder) and budget.over(second.holder)  # 15 MiB, share 3.3
-    budget.update(third.holder, 4 * MiB)  # 14 MiB: still past; share 3.3 MiB
+    assert budget.over(first.holder) and budget.over(second.holder)  # 15 MiB held
+    budget.update(third.holder, 4 * MiB)  # 14 MiB: still past for both
     assert first.woken == second.woken == 0
 
 
