@@ -161,7 +161,7 @@ class Patch:
     region: str  # l1, l2, reftable, refblock
     live: bool  # a word qemu-img made non-zero (else any word of the region)
     index: int  # which word (modulo how many there are)
-    mode: str  # word, offset, flags, refcount
+    mode: str  # word, offset, flags, refcount, copy
     value: int
 
 
@@ -212,13 +212,14 @@ def patches(clusters: int, cluster_size: int, metadata: list[int]) -> st.SearchS
         flags,
     )
     meta = st.builds(lambda at, flag: at | flag, st.sampled_from(metadata), flags)
-    value = st.one_of(meta, host, st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2, 2**64 - 1]))
+    odd = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2, 2**64 - 1]))
+    value = st.one_of(meta, meta, host, odd)
     return st.builds(
         Patch,
         st.sampled_from(["l1", "l2", "l2", "reftable", "refblock", "refblock"]),
         st.booleans(),
         st.integers(0, 1 << 16),
-        st.sampled_from(["word", "word", "offset", "flags", "refcount"]),
+        st.sampled_from(["word", "word", "offset", "flags", "refcount", "copy"]),
         value,
     )
 
@@ -227,7 +228,10 @@ def apply(q: Qcow2File, words: list[int], patch: Patch) -> int:
     """Patch one word; returns its file offset."""
     at = words[patch.index % len(words)]
     old = q.u64(at)
-    if patch.mode == "word":
+    if patch.mode == "copy":  # another word of the region (two entries, one target)
+        new = q.u64(words[(patch.index + 1 + patch.value % 7) % len(words)])
+        new ^= COPIED if patch.value & 8 else 0
+    elif patch.mode == "word":
         new = patch.value
     elif patch.mode == "offset":
         new = (old & ~OFFSET_MASK) | (patch.value & OFFSET_MASK)
@@ -490,7 +494,9 @@ def run_example(base: Base, work: Path, patch_list: list[Patch], steps: list[Op]
     model = bytearray(base.view) if not patch_list else None
     harness = Harness(path, device, model)
     try:
-        for step in steps:
+        # Each patched entry is read first and last, the random requests in between.
+        probes = [Op("read", -1 - index, device.cluster_size) for index in range(len(targets))]
+        for step in [*probes, *steps, *probes]:
             harness.run(resolve(step, targets, device.size))
     finally:
         try:
@@ -513,6 +519,7 @@ def test_metadata_fuzz(base: Base, runslow: bool) -> None:
     layout = base.layout
     clusters = len(base.image.read_bytes()) // layout.cluster
     metadata = metadata_offsets(Qcow2File(base.image))
+    patch = patches(clusters, layout.cluster, metadata)
     outcome = Outcome()
 
     @settings(
@@ -522,7 +529,8 @@ def test_metadata_fuzz(base: Base, runslow: bool) -> None:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
     @given(
-        patch_list=st.lists(patches(clusters, layout.cluster, metadata), min_size=0, max_size=3),
+        # A third of the examples are pristine: their reads are checked against a model.
+        patch_list=st.one_of(st.just([]), *[st.lists(patch, min_size=1, max_size=3)] * 2),
         steps=st.lists(ops(layout), min_size=1, max_size=12),
     )
     def fuzz(patch_list: list[Patch], steps: list[Op]) -> None:
