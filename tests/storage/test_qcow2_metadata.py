@@ -7,6 +7,7 @@ import json
 import shutil
 import struct
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ class BitmapLayout:
     directory: int
     tables: list[int]
     data: list[int]
+    extension: int  # file offset of the extension's payload
 
     def clusters(self, bits: int) -> set[int]:
         return {offset >> bits for offset in [self.directory, *self.tables, *self.data]}
@@ -125,6 +127,7 @@ def bitmap_layout(q: Qcow2File) -> BitmapLayout:
         assert kind, "no bitmaps extension"
         if kind == BITMAPS_EXTENSION:
             count, _, size, directory = struct.unpack_from(">IIQQ", head, position + 8)
+            extension = position + 8
             break
         position += 8 + ((length + 7) & ~7)
     entries = q.path.read_bytes()[directory : directory + size]
@@ -137,7 +140,7 @@ def bitmap_layout(q: Qcow2File) -> BitmapLayout:
         tables.append(table)
         words = [q.u64(table + 8 * index) & OFFSET_MASK for index in range(table_size)]
         data += [word for word in words if word]
-    return BitmapLayout(directory, tables, data)
+    return BitmapLayout(directory, tables, data, extension)
 
 
 @pytest.fixture
@@ -277,3 +280,31 @@ def test_bitmap_clusters_claimed_free_are_never_allocated(bitmaps: Path) -> None
     assert len(done) < 200  # the allocator met a "free" bitmap cluster: EIO, corrupt
     assert Qcow2File(bitmaps).u64(INCOMPATIBLE_AT) & CORRUPT_BIT
     assert_bitmaps_untouched(bitmaps, before, layout, done)
+
+
+HOSTILE_BITMAPS: dict[str, tuple[Callable[[Qcow2File, BitmapLayout], None], str]] = {
+    "table_over_l1": (lambda q, b: q.set_u64(b.directory, q.l1_offset), "overlaps"),
+    "directory_past_end": (lambda q, b: q.set_u64(b.extension + 16, 1 << 40), "outside"),
+    "directory_unaligned": (lambda q, b: q.set_u64(b.extension + 16, b.directory + 8), "at"),
+    "data_reserved_bits": (lambda q, b: q.set_u64(b.tables[0], b.data[0] | 1 << 60), "invalid"),
+    "data_is_l2": (lambda q, b: q.set_u64(b.tables[0], q.u64(q.l1_offset) & OFFSET_MASK), "l2"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE_BITMAPS))
+def test_impossible_bitmap_metadata_is_a_finding(bitmaps: Path, attack: str) -> None:
+    """Not marked (the map stays true to the other metadata), reported, still served."""
+    q = Qcow2File(bitmaps)
+    layout = bitmap_layout(q)
+    patch, words = HOSTILE_BITMAPS[attack]
+    patch(q, layout)
+    device = open_image(bitmaps, read_only=True)
+    try:
+        meta = device.metadata
+        assert len(meta.findings) == 1 and words in meta.findings[0], meta.findings
+        assert meta.kind_of(q.l1_offset >> q.cluster_bits) is Kind.L1
+        l2 = q.u64(q.l1_offset) & OFFSET_MASK
+        assert meta.kind_of(l2 >> q.cluster_bits) is Kind.L2
+        assert bytes(device.pread(1 << 20, 4096)) == b"\x07" * 4096
+    finally:
+        device.close()

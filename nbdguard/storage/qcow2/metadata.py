@@ -151,8 +151,10 @@ def build_map(
         elif meta.add(offset >> bits, Kind.REFCOUNT_BLOCK) is not None:
             meta.findings.append(f"refcount block {offset:#x} overlaps other metadata")
     _mark_snapshots(meta, header, read, file_size)
-    _mark_bitmaps(meta, header, read, file_size)
     _mark_l2(meta, l1, Kind.L2, size=size, file_size=file_size, what="L1")
+    # Last: the metadata the engine uses keeps its kind in a conflict (a bitmap entry naming
+    # an L2 table is the finding; the cluster stays marked, as an L2 table).
+    _mark_bitmaps(meta, header, read, file_size)
     return meta
 
 
