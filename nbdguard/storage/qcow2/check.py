@@ -38,7 +38,6 @@ request; `progress` is called about once a second of work.
 from __future__ import annotations
 
 import contextlib
-import struct
 import sys
 import time
 from array import array
@@ -47,12 +46,8 @@ from dataclasses import dataclass, field
 
 from nbdguard.storage.qcow2.compressed import compressed_extent, host_clusters
 from nbdguard.storage.qcow2.header import (
-    BITMAPS_CONSISTENT,
-    EXT_BITMAPS,
-    MAX_CLUSTER_BITS,
     MAX_L1_BYTES,
     Qcow2Header,
-    header_extensions,
 )
 from nbdguard.storage.qcow2.hostfile import HostFile
 from nbdguard.storage.qcow2.image import (
@@ -65,7 +60,13 @@ from nbdguard.storage.qcow2.image import (
 from nbdguard.storage.qcow2.metadata import (
     L1_RESERVED,
     REFTABLE_RESERVED,
+    BitmapInvalid,
+    BitmapTable,
     Kind,
+    bitmap_data,
+    bitmap_directory,
+    bitmap_tables,
+    check_bitmap_table,
     snapshot_entries,
 )
 from nbdguard.storage.qcow2.refcounts import load_table
@@ -82,12 +83,6 @@ STOP_AFTER_ERRORS = 1000  # refusing findings after which the walk stops: refuse
 PROGRESS_SECONDS = 1.0
 COMPARE_CHUNK = 1 << 16
 SATURATED = (1 << 32) - 1
-MAX_BITMAPS = 65535
-MAX_BITMAP_DIRECTORY = 64 << 20
-MAX_BITMAP_TABLE_BYTES = 64 << 20
-BITMAP_RESERVED = 0xFF00_0000_0000_01FE  # bits 1-8 and 56-63 of a bitmap table entry
-_BITMAPS_EXT = struct.Struct(">IIQQ")
-_BITMAP_ENTRY = struct.Struct(">QIIBBHI")
 _BIG_ENDIAN = sys.byteorder == "big"
 _SHARED_L2 = frozenset({Kind.L2.label, Kind.SNAPSHOT_L2.label})
 
@@ -400,50 +395,38 @@ class _Checker:
     def bitmaps(self) -> None:
         """The bitmap directory and what it names; ignored, as QEMU does, once a program
         that does not know bitmaps has cleared the autoclear bit."""
-        header = self.header
-        extension = None
-        if header.version >= 3 and header.autoclear & BITMAPS_CONSISTENT:
-            first = self.host.read(0, min(self.file_size, 1 << MAX_CLUSTER_BITS))
-            extension = header_extensions(first, header).get(EXT_BITMAPS)
-        if extension is None:
-            return
-        if len(extension) < _BITMAPS_EXT.size:
-            self.report.add("invalid_entry", "bitmaps extension is truncated")
-            return
-        count, _, size, offset = _BITMAPS_EXT.unpack_from(extension)
-        if count > MAX_BITMAPS or size > MAX_BITMAP_DIRECTORY or offset % self.cluster_size:
-            self.report.add(
-                "invalid_entry", f"bitmap directory ({size} bytes at {offset:#x})", offset
-            )
-            return
-        if not self.count_range(offset, size, "bitmap_directory", "bitmap directory"):
-            return
-        directory = self.host.read(offset, size)
-        position = 0
-        for number in range(count):
-            if position + _BITMAP_ENTRY.size > size:
-                self.report.add("invalid_entry", f"bitmap {number} runs past the directory")
+        try:
+            directory = bitmap_directory(self.header, self.host.read, self.file_size)
+            if directory is None:
                 return
-            table_offset, table_size, _, _, _, name_size, extra = _BITMAP_ENTRY.unpack_from(
-                directory, position
-            )
-            position += (_BITMAP_ENTRY.size + extra + name_size + 7) & ~7
-            self.bitmap_table(table_offset, table_size, f"bitmap {number} table")
+            offset, size = directory.offset, directory.size
+            if not self.count_range(offset, size, Kind.BITMAP_DIRECTORY.label, "bitmap directory"):
+                return
+            for table in bitmap_tables(directory, self.host.read(offset, size)):
+                self.bitmap_table(table)
+        except BitmapInvalid as err:
+            self.report.add("invalid_entry", err.detail, err.offset)
 
-    def bitmap_table(self, offset: int, size: int, what: str) -> None:
-        if size * 8 > MAX_BITMAP_TABLE_BYTES or offset % self.cluster_size or (size and not offset):
-            self.report.add("invalid_entry", f"{what} ({size} entries at {offset:#x})", offset)
+    def bitmap_table(self, table: BitmapTable) -> None:
+        what = f"bitmap {table.number} table"
+        try:
+            check_bitmap_table(table, self.cluster_size, what)
+        except BitmapInvalid as err:
+            self.report.add("invalid_entry", err.detail, err.offset)
             return
-        if not self.count_range(offset, size * 8, "bitmap_table", what):
+        offset, length = table.offset, table.size * 8
+        if not self.count_range(offset, length, Kind.BITMAP_TABLE.label, what):
             return
-        for index, entry in enumerate(load_table(self.host, offset, size * 8)):
-            data = entry & OFFSET_MASK
-            if not data:
+        for index, entry in enumerate(load_table(self.host, offset, length)):
+            try:
+                data = bitmap_data(entry, self.cluster_size, f"{what} entry {index}")
+            except BitmapInvalid as err:
+                self.report.add("invalid_entry", err.detail, err.offset)
                 continue
-            if entry & BITMAP_RESERVED or data % self.cluster_size:
-                self.report.add("invalid_entry", f"{what} entry {index} ({entry:#x})", data)
-                continue
-            self.count_range(data, self.cluster_size, "bitmap_data", f"{what} entry {index}")
+            if data:
+                self.count_range(
+                    data, self.cluster_size, Kind.BITMAP_DATA.label, f"{what} entry {index}"
+                )
 
     # -- data references
 
