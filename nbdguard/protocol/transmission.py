@@ -115,6 +115,9 @@ class RequestParser:
         """Where the next received bytes should go: after the unparsed ones, in room that
         no live piece views."""
         buffer = self._buffer
+        if self._start == self._end and not buffer.leased:  # all parsed, all released
+            self._start = self._end = 0
+            return buffer.view
         if self._size - self._end >= MIN_ROOM:
             return buffer.view[self._end :]
         unparsed = self._end - self._start

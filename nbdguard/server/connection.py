@@ -208,6 +208,8 @@ class Connection(asyncio.BufferedProtocol):
         """Report what this connection holds; stop reading past the budget, and serve the
         backlog again once it has drained."""
         held = self._held()
+        if not held and not self._reported and not self._over_budget:
+            return  # the common case: nothing held before or now
         self._budget.update(self._account, held)
         if self.export is not None and held != self._reported:
             self.export.metrics.buffered(held - self._reported)
@@ -434,7 +436,7 @@ class Connection(asyncio.BufferedProtocol):
                     self._disconnect()
                     return
                 dispatcher.receive(event)
-                if backlog and writer.buffered() + dispatcher.held > limit:
+                if backlog and writer.buffered() > limit:  # payload bytes: per batch
                     full = True  # _check_budget below decides: stop reading, or go on later
                     break
                 if backlog and perf_counter() >= deadline:

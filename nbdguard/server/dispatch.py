@@ -97,7 +97,10 @@ class Dispatcher:
         self.on_released = on_released  # held bytes were let go outside a receive
         self._writing = 0  # bytes of gathered writes being written off the loop
         self.shutting_down = False
-        self._incoming: IncomingWrite | None = None  # the WRITE whose payload is arriving
+        self._incoming: IncomingWrite | None = None  # a WRITE whose payload is arriving
+        # the last WRITE header and its verdict, until its payload starts: (request, start
+        # time, validation error); a payload that comes whole in one piece needs no more
+        self._header: tuple[Request, float, NBDError] = (Request(0, _WRITE, 0, 0, 0), 0.0, _OK)
         # Sliced work runs one request at a time per connection: a client that pipelines many
         # costly ranges gets one turn per loop iteration, not one per request.
         self._slicing = asyncio.Lock()
@@ -127,8 +130,7 @@ class Dispatcher:
         if request.command == _WRITE:
             # In flight once its last piece is here: a client that leaves mid-payload never
             # gets that far. Latency counts from the header.
-            unit = 0 if error else self.device.partial_write_unit(request.offset)
-            self._incoming = IncomingWrite(request, perf_counter(), error, unit)
+            self._header = (request, perf_counter(), error)
             return
         started = self._started()
         if error:
@@ -145,7 +147,14 @@ class Dispatcher:
 
     def _payload(self, piece: Data) -> None:
         incoming = self._incoming
-        assert incoming is not None and incoming.request is piece.request
+        if incoming is None:
+            if piece.final:  # the whole payload in one piece: most writes
+                self._whole_write(piece)
+                return
+            request, started, error = self._header
+            unit = 0 if error else self.device.partial_write_unit(request.offset)
+            incoming = self._incoming = IncomingWrite(request, started, error, unit)
+        assert incoming.request is piece.request
         if not piece.final:
             incoming.add(self.device, piece.data)
             piece.release()
@@ -166,6 +175,32 @@ class Dispatcher:
                 return
             if rest:
                 self.device.pwrite(rest, request.offset + incoming.written)
+            pending = self._finish_write(request, started)
+        except WouldBlock as blocked:  # its bytes stay leased until the retry is done
+            self.spawn(self._retry_then_reply(request, started, blocked.retry, piece))
+            return
+        except Exception as exc:
+            piece.release()
+            self.finished(request, self.fail(request, exc), started)
+            return
+        piece.release()
+        if not pending:
+            self.finished(request, _OK, started)
+
+    def _whole_write(self, piece: Data) -> None:
+        """A WRITE whose payload came in one piece (at most a receive buffer: written on the
+        loop), straight from the receive buffer."""
+        request, started, error = self._header
+        assert request is piece.request
+        self._started()
+        if error:
+            piece.release()
+            self.reply_error(request, error)
+            self.finished(request, error, started)
+            return
+        try:
+            if piece.data:
+                self.device.pwrite(piece.data, request.offset)
             pending = self._finish_write(request, started)
         except WouldBlock as blocked:  # its bytes stay leased until the retry is done
             self.spawn(self._retry_then_reply(request, started, blocked.retry, piece))
