@@ -51,6 +51,9 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+_TRANSMISSION = Phase.TRANSMISSION  # per receive: a module global, not an enum lookup
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionSettings:
     """What a connection needs of the config, read once."""
@@ -144,7 +147,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         phase = self.phase
-        if phase is Phase.TRANSMISSION:
+        if phase is _TRANSMISSION:
             self._receive_requests(nbytes)
         elif phase is Phase.HANDSHAKE and self.handshake is not None:
             self._receive_handshake(self._handshake_view[:nbytes])
@@ -425,7 +428,8 @@ class Connection(asyncio.BufferedProtocol):
         backlog = self._backlog
         backlog.extend(events)
         deadline = perf_counter() + TURN_BUDGET
-        limit = self._budget.allowance(self._account)  # per request; the budget per batch
+        budget = self._budget  # checked per request; the budget itself per batch
+        limit = budget.allowance(self._account) if budget.used else budget.per_connection
         full = False
         token = connection_context.set(self._context)
         writer.cork()
