@@ -629,3 +629,28 @@ def test_l2_entry_past_end_of_file_is_not_adopted_by_allocation(tmp_path: Path) 
     finally:
         device.close()
     assert corruptions(path) <= planted
+
+
+def test_l2_entry_past_end_stays_refused_after_write_back_and_eviction(tmp_path: Path) -> None:
+    """A table the engine changed and wrote back, then evicted, reloads with its planted
+    entry still refused (the file's word, unchanged), and the entry is written back as the
+    file had it."""
+    path = tmp_path / "a.qcow2"
+    q = _fresh(path)
+    end = -(-path.stat().st_size // q.cluster_size) * q.cluster_size
+    at = q.l2_entry_at(8192)
+    q.set_u64(at, end | COPIED)  # guest cluster 2: past the end of the file
+    device = build_device(ExportConfig(name="t", path=path, format="qcow2"))
+    assert isinstance(device, Qcow2Image)
+    try:
+        device.pwrite(bytes([FILLS[1]]) * 4096, 4096)  # dirties the table
+        device.flush()
+        device.l2_cache.evict(device.l2_cache.limit)  # drops every clean table
+        assert len(device.l2_cache) == 0
+        with pytest.raises(OSError) as raised:
+            device.pread(8192, 4096)
+        assert raised.value.errno == errno.EIO
+        assert bytes(device.pread(4096, 4096)) == bytes([FILLS[1]]) * 4096
+    finally:
+        device.close()
+    assert Qcow2File(path).u64(at) == end | COPIED  # the planted word, as it was

@@ -75,6 +75,7 @@ L2_KINDS = (Kind.L2, Kind.SNAPSHOT_L2)
 # Set in memory on an L2 entry from the file naming a cluster past the file's end at open
 # (a reserved bit: every use of the entry refuses it); never written (see `_file_bytes`).
 POISON = 1 << 56
+MAX_POISONED = 1 << 16  # past-end L2 entries loaded; more: the image is refused as corrupt
 _U64 = struct.Struct(">Q")
 
 _P = ParamSpec("_P")
@@ -159,7 +160,8 @@ class Qcow2Image(BlockDevice):
         self._written_tables: set[int] = set()  # L2 tables the engine changed since open
         # Past-end clusters entries from the file name: never allocated (they would alias)
         self._planted: set[int] = _past_end(self.l1, self._open_end)
-        self._poisoned: dict[int, dict[int, int]] = {}  # table -> slot -> word in the file
+        self._poisoned: dict[int, array[int]] = {}  # table -> slots of poisoned entries
+        self._poisoned_count = 0  # poisoned on every load so far
         # L1 entries found valid (checked once: what they name stays an L2 table until the
         # entry itself changes, and the engine's own entries are valid by construction)
         self._l1_checked = bytearray(len(self.l1))
@@ -225,8 +227,13 @@ class Qcow2Image(BlockDevice):
         if offset % self.cluster_size or offset > MAX_HOST_OFFSET:
             raise OSError(errno.EIO, f"L2 table offset {offset:#x} is invalid")
         table = load_table(self.host, offset, self.cluster_size)
-        if not self.external_data and offset not in self._written_tables:
+        if self.external_data:
+            return table
+        if offset not in self._written_tables:
             self._check_loaded(offset, table)
+        else:  # the engine's: its poisoned entries are the file's still (changing one refuses it)
+            for slot in self._poisoned.get(offset, ()):
+                table[slot] |= POISON
         return table
 
     def _check_loaded(self, offset: int, table: array[int]) -> None:
@@ -237,14 +244,23 @@ class Qcow2Image(BlockDevice):
         if not words or max(map(OFFSET_MASK.__and__, words)) < self._open_end:
             return
         frontier = self.refcounts.frontier << self.cluster_bits if self.refcounts else 0
+        slots = array("I")
         for index, word in enumerate(words):
             host = word & OFFSET_MASK
-            if host >= self._open_end and not word & COMPRESSED:
-                slot = index * self.words
-                self._poisoned.setdefault(offset, {})[slot] = word
-                table[slot] = word | POISON
+            if host >= self._open_end and not word & (COMPRESSED | POISON):
+                slots.append(index * self.words)
+                table[index * self.words] = word | POISON
                 if host >= frontier:
                     self._planted.add(host)
+        self._poisoned_count += len(slots)
+        if self._poisoned_count > MAX_POISONED:  # bounds what is kept for them
+            raise Qcow2Corrupt(
+                "l2_entry",
+                f"L2 table {offset:#x}: too many entries past the end of the file",
+                host_offset=offset,
+            )
+        if slots:
+            self._poisoned[offset] = slots
 
     def _file_bytes(self, offset: int, table: array[int]) -> bytes:
         """A table as it is written: poisoned entries as the file had them."""
@@ -252,9 +268,8 @@ class Qcow2Image(BlockDevice):
         if not poisoned:
             return table_bytes(table)
         copy = array("Q", table)
-        for slot, word in poisoned.items():
-            if copy[slot] & POISON:
-                copy[slot] = word
+        for slot in poisoned:
+            copy[slot] &= ~POISON  # a poisoned word is unchanged: changing it refuses it
         return table_bytes(copy)
 
     def _allocate(self, count: int) -> int:
@@ -784,6 +799,8 @@ class Qcow2Image(BlockDevice):
             if not self.l2_cache.is_dirty(old):  # a dirty table is written, never dropped
                 self.l2_cache.discard(old)
         self._written_tables.add(new)
+        if old in self._poisoned:
+            self._poisoned[new] = array("I", self._poisoned[old])
         self.l2_cache.insert(new, table, dirty=True)
         self.l1[index] = new | COPIED
         self._l1_checked[index] = 1
