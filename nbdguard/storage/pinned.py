@@ -107,6 +107,8 @@ def _open_beneath(
             try:
                 opened = os.open(part, flags if last else dir_flags | os.O_NOFOLLOW, dir_fd=current)
             except OSError as err:
+                if not last and _is_link(part, current):  # resolved: no symlink there
+                    raise _changed(path, resolved, export=export, layer=layer) from err
                 raise _open_error(err, path, resolved, export=export, layer=layer) from err
             os.close(current)
             current = opened
@@ -128,6 +130,15 @@ def _open_error(
         return _changed(path, resolved, export=export, layer=layer)
     reason = "not_regular_file" if err.errno == errno.EISDIR else "open_failed"
     return ChainRefused(export, layer, str(path), reason, err.strerror or str(err))
+
+
+def _is_link(part: str, directory: int) -> bool:
+    """A walked directory component is a symlink now (seen from the held descriptor, not
+    by resolving the path again, which a swap back would hide)."""
+    try:
+        return stat.S_ISLNK(os.stat(part, dir_fd=directory, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _changed(path: Path, resolved: Path, *, export: str, layer: int) -> ChainRefused:

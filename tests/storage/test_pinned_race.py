@@ -169,15 +169,11 @@ def test_directory_swapped_for_a_symlink_mid_walk(tmp_path: Path) -> None:
     race(scene, attempt)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pinned._open_error decides 'changed' by resolving the path a second time: when "
-    "the swapped component is swapped back before that, the refusal of a path that did "
-    "change mid-open reads open_failed ('Not a directory') instead of changed_during_open",
-)
 def test_swap_and_swap_back_is_changed_during_open(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A directory swapped for a symlink mid-walk and swapped back before the refusal is
+    labelled: the walk's own descriptor shows the symlink, whatever a second resolve says."""
     allowed, outside = tmp_path / "allowed", tmp_path / "outside"
     (allowed / "sub").mkdir(parents=True)
     outside.mkdir()

@@ -21,7 +21,7 @@ Invariants, checked after every request:
   than right after the patch.
 Each patched entry is read first and last. CI runs 320 examples (seeded per layout, so a
 failure reproduces); `--runslow` runs 3200 with fresh randomness. Known engine bugs are
-steered around (AVOID_KNOWN_BUGS) and pinned by strict xfail tests at the end.
+pinned by deterministic tests at the end (AVOID_KNOWN_BUGS steers around them if needed).
 """
 
 from __future__ import annotations
@@ -247,9 +247,8 @@ def apply(q: Qcow2File, words: list[int], patch: Patch) -> int:
     return at
 
 
-# Known bugs (see the xfail tests at the end): the fuzzer steers around them until the
-# engine is fixed; set this to False then, and the fuzzer covers them again.
-AVOID_KNOWN_BUGS = True
+# Known bugs (see the tests at the end, all fixed): True steers the fuzzer around them.
+AVOID_KNOWN_BUGS = False
 
 
 def known_bug(q: Qcow2File, l2_words: list[int]) -> bool:
@@ -549,7 +548,7 @@ def test_metadata_fuzz(base: Base, runslow: bool) -> None:
     assert outcome.opened > 0
 
 
-# Bugs the fuzzer found, as minimal deterministic tests (the engine is not fixed here)
+# Bugs the fuzzer found, as minimal deterministic tests (fixed: they must stay fixed)
 
 
 def _fresh(path: Path) -> Qcow2File:
@@ -559,13 +558,9 @@ def _fresh(path: Path) -> Qcow2File:
     return Qcow2File(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an L1 entry naming the first cluster past the end of the file is ignored at open "
-    "(not in the metadata map), the allocator then puts a new L2 table exactly there, and "
-    "the planted entry becomes valid: two guest ranges share one L2 table",
-)
 def test_entry_past_end_of_file_is_not_adopted_by_allocation(tmp_path: Path) -> None:
+    """An L1 entry naming the first cluster past the end of the file: the allocator must
+    not put a new L2 table there (two guest ranges would share it)."""
     path = tmp_path / "a.qcow2"
     q = _fresh(path)
     end = -(-path.stat().st_size // q.cluster_size) * q.cluster_size
@@ -585,16 +580,9 @@ def test_entry_past_end_of_file_is_not_adopted_by_allocation(tmp_path: Path) -> 
     assert corruptions(path) <= planted
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="two L1 entries name one L2 table (the second without COPIED); after a write "
-    "through the first dirties it, a write through the second copies the table and drops "
-    "the original from the L2 cache while it is still dirty: FLUSH then raises KeyError "
-    "(Qcow2Image._take_metadata), every later FLUSH and close fail the same way, and the "
-    "acknowledged writes never reach the disk",
-)
 def test_write_through_a_duplicate_l1_entry_then_flush(tmp_path: Path) -> None:
+    """Two L1 entries name one L2 table (the second without COPIED): the second is refused
+    as corrupt, FLUSH raises nothing but OSError and the acknowledged write is kept."""
     path = tmp_path / "a.qcow2"
     q = _fresh(path)
     table = q.u64(q.l1_entry_at(0)) & OFFSET_MASK
@@ -619,13 +607,9 @@ def device_view(path: Path, offset: int, length: int = 4096) -> bytes:
     return raw.read_bytes()[offset : offset + length]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an L2 entry naming the first cluster past the end of the file is refused while "
-    "the file is short, but the allocator puts the next data cluster exactly there: the "
-    "planted entry then reads (and writes) another guest range's data",
-)
 def test_l2_entry_past_end_of_file_is_not_adopted_by_allocation(tmp_path: Path) -> None:
+    """An L2 entry naming the first cluster past the end of the file: the next data cluster
+    must not land there (two guest offsets would share data)."""
     path = tmp_path / "a.qcow2"
     q = _fresh(path)
     end = -(-path.stat().st_size // q.cluster_size) * q.cluster_size
@@ -645,3 +629,28 @@ def test_l2_entry_past_end_of_file_is_not_adopted_by_allocation(tmp_path: Path) 
     finally:
         device.close()
     assert corruptions(path) <= planted
+
+
+def test_l2_entry_past_end_stays_refused_after_write_back_and_eviction(tmp_path: Path) -> None:
+    """A table the engine changed and wrote back, then evicted, reloads with its planted
+    entry still refused (the file's word, unchanged), and the entry is written back as the
+    file had it."""
+    path = tmp_path / "a.qcow2"
+    q = _fresh(path)
+    end = -(-path.stat().st_size // q.cluster_size) * q.cluster_size
+    at = q.l2_entry_at(8192)
+    q.set_u64(at, end | COPIED)  # guest cluster 2: past the end of the file
+    device = build_device(ExportConfig(name="t", path=path, format="qcow2"))
+    assert isinstance(device, Qcow2Image)
+    try:
+        device.pwrite(bytes([FILLS[1]]) * 4096, 4096)  # dirties the table
+        device.flush()
+        device.l2_cache.evict(device.l2_cache.limit)  # drops every clean table
+        assert len(device.l2_cache) == 0
+        with pytest.raises(OSError) as raised:
+            device.pread(8192, 4096)
+        assert raised.value.errno == errno.EIO
+        assert bytes(device.pread(4096, 4096)) == bytes([FILLS[1]]) * 4096
+    finally:
+        device.close()
+    assert Qcow2File(path).u64(at) == end | COPIED  # the planted word, as it was
