@@ -163,29 +163,19 @@ class Dispatcher:
         self._started()
         request, started = incoming.request, incoming.started
         if incoming.error:
-            piece.release()
-            self.reply_error(request, incoming.error)
-            self.finished(request, incoming.error, started)
+            self._refuse_write(request, started, incoming.error, piece)
             return
         try:
-            rest = incoming.rest(piece.data)
-            if not incoming.unit and len(rest) >= OFF_LOOP_WRITE:  # gathered: one long pwrite
-                self._writing += len(rest)
-                self.spawn(self._write_off_loop(request, started, rest, piece))
-                return
-            if rest:
-                self.device.pwrite(rest, request.offset + incoming.written)
-            pending = self._finish_write(request, started)
-        except WouldBlock as blocked:  # its bytes stay leased until the retry is done
-            self.spawn(self._retry_then_reply(request, started, blocked.retry, piece))
-            return
+            rest = incoming.rest(piece.data)  # raises the failure of an earlier part
         except Exception as exc:
             piece.release()
             self.finished(request, self.fail(request, exc), started)
             return
-        piece.release()
-        if not pending:
-            self.finished(request, _OK, started)
+        if not incoming.unit and len(rest) >= OFF_LOOP_WRITE:  # gathered: one long pwrite
+            self._writing += len(rest)
+            self.spawn(self._write_off_loop(request, started, rest, piece))
+            return
+        self._write_rest(request, started, piece, rest, request.offset + incoming.written)
 
     def _whole_write(self, piece: Data) -> None:
         """A WRITE whose payload came in one piece (at most a receive buffer: written on the
@@ -194,15 +184,25 @@ class Dispatcher:
         assert request is piece.request
         self._started()
         if error:
-            piece.release()
-            self.reply_error(request, error)
-            self.finished(request, error, started)
+            self._refuse_write(request, started, error, piece)
             return
+        self._write_rest(request, started, piece, piece.data, request.offset)
+
+    def _refuse_write(self, request: Request, started: float, error: NBDError, piece: Data) -> None:
+        piece.release()
+        self.reply_error(request, error)
+        self.finished(request, error, started)
+
+    def _write_rest(
+        self, request: Request, started: float, piece: Data, data: Buffer, offset: int
+    ) -> None:
+        """Write a WRITE's last bytes at `offset` and reply; the last piece stays leased
+        until they are written (a retry off the loop included)."""
         try:
-            if piece.data:
-                self.device.pwrite(piece.data, request.offset)
+            if data:
+                self.device.pwrite(data, offset)
             pending = self._finish_write(request, started)
-        except WouldBlock as blocked:  # its bytes stay leased until the retry is done
+        except WouldBlock as blocked:
             self.spawn(self._retry_then_reply(request, started, blocked.retry, piece))
             return
         except Exception as exc:
